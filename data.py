@@ -1,0 +1,327 @@
+"""Files to batches: folder layouts, image decoding, transforms, samplers and loaders.
+
+    DATA/train/<class>/*.jpg     training images, one folder per class
+    DATA/val/<class>/*.jpg       validation images (or DATA/test/, or a split carved from train)
+
+Images leave the loader as uint8 tensors (4x less to copy between processes than float32);
+`normalize` turns a batch into float on the training device.
+"""
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.transforms import v2
+
+from utils import seed_from
+
+IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision pretrained model expects these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -----------------------------------------------------------------------------
+# decoding: every image becomes an upright 3-channel RGB image, in training, evaluation and prediction
+
+def load_image(path):
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in the pixels
+        return to_rgb(image)
+
+
+def to_rgb(image):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float: scale to 8 bits, don't clip
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if array.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):  # transparent pixels hold arbitrary colours: put them on white
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")  # grayscale, palette, CMYK, YCbCr...
+
+
+# -----------------------------------------------------------------------------
+# folder layout
+
+def find_classes(folder):
+    """Class names are the sorted sub-folder names; hidden folders (.git, .ipynb_checkpoints) are never classes."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def list_images(folder, classes):
+    """[(path, class index)] for every image file under folder/<class>/, matched by extension in any case."""
+    samples = []
+    for index, name in enumerate(classes):
+        class_dir = Path(folder) / name
+        if not class_dir.is_dir():
+            continue
+        for root, dirs, files in os.walk(class_dir, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for file in sorted(files):
+                if not file.startswith(".") and Path(file).suffix.lower() in IMG_EXTENSIONS:
+                    samples.append((os.path.join(root, file), index))
+    return samples
+
+
+def stratified_split(samples, fraction, seed):
+    """Deterministic split of samples into (train, val) with `fraction` of every class in val."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for target in sorted({t for _, t in samples}):
+        members = [s for s in samples if s[1] == target]
+        order = rng.permutation(len(members))
+        n_val = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
+        val += [members[i] for i in sorted(order[:n_val])]
+        train += [members[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def load_samples(data_root, val_fraction=0.1, seed=0, log=print):
+    """Reads DATA/train and DATA/val (or DATA/test, or a split of train). Returns classes, train and val samples."""
+    data_root = Path(data_root)
+    train_dir = data_root / "train"
+    if not data_root.is_dir():
+        raise SystemExit(f"error: dataset folder {data_root} does not exist")
+    if not train_dir.is_dir():
+        raise SystemExit(f"error: {data_root} has no train/ folder; expected {data_root}/train/<class>/<image>")
+    classes = find_classes(train_dir)
+    if not classes:
+        raise SystemExit(f"error: {train_dir} has no class folders; expected {train_dir}/<class>/<image>")
+    train = list_images(train_dir, classes)
+    empty = sorted(set(classes) - {classes[t] for _, t in train})
+    if empty:
+        raise SystemExit(f"error: class folder(s) with no images in {train_dir}: {', '.join(empty)} "
+                         "(an empty class would shift every class index: remove it or add images)")
+
+    val_dir = next((data_root / s for s in ("val", "test") if (data_root / s).is_dir()), None)
+    if val_dir is None:
+        train, val = stratified_split(train, val_fraction, seed)
+        log(f"data: no val/ or test/ folder in {data_root}: holding out {val_fraction:.0%} of each class "
+            f"of train/ for validation ({len(val)} images, --val-fraction)")
+    else:
+        if val_dir.name == "test":
+            log(f"data: no val/ folder in {data_root}: validating on {val_dir}")
+        val = check_val_classes(val_dir, classes, log)
+    log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
+    return classes, train, val
+
+
+def check_val_classes(val_dir, classes, log=print):
+    """Lists val_dir with the class indices of `classes` (never re-indexed by position)."""
+    val_classes = find_classes(val_dir)
+    unknown = sorted(set(val_classes) - set(classes))
+    if unknown:
+        raise SystemExit(f"error: {val_dir} has class folder(s) that the training classes lack: "
+                         f"{', '.join(unknown)}; rename or remove them")
+    missing = sorted(set(classes) - set(val_classes))
+    if missing:
+        log(f"warning: {val_dir} has no folder for {len(missing)} class(es): {', '.join(missing)}; "
+            "they are not validated")
+    return list_images(val_dir, classes)
+
+
+def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print):
+    """Samples of one split, indexed by a trained model's `classes`. train and val follow the same
+    rules as training (val/, else test/, else the same held-out part of train/)."""
+    if split == "test":
+        test_dir = Path(data_root) / "test"
+        if not test_dir.is_dir():
+            raise SystemExit(f"error: {data_root} has no test/ folder")
+        return check_val_classes(test_dir, classes, log)
+    data_classes, train, val = load_samples(data_root, val_fraction, seed, log)
+    if data_classes != list(classes):
+        raise SystemExit(f"error: the classes of {data_root}/train ({', '.join(data_classes)}) are not the "
+                         f"checkpoint's ({', '.join(classes)}); evaluate on the data the model was trained for")
+    return train if split == "train" else val
+
+
+def infer_img_size(paths, max_samples=256):
+    """About the median short side of a sample of images, as a multiple of 32 between 32 and 224.
+    Reads only headers, so it is fast even on large folders."""
+    step = max(1, len(paths) // max_samples)
+    short_sides = []
+    for path in paths[::step]:
+        try:
+            with Image.open(path) as image:
+                short_sides.append(min(image.size))
+        except Exception:  # unreadable files are reported by the loader, not here
+            pass
+    if not short_sides:
+        return 224
+    return int(min(224, max(32, round(statistics.median(short_sides) / 32) * 32)))
+
+
+# -----------------------------------------------------------------------------
+# transforms (PIL image in, uint8 CHW tensor out) and normalisation (on the training device)
+
+AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment, "augmix": v2.AugMix}
+
+
+def train_transform(img_size, crop="resized", min_scale=0.25, auto_augment=None, random_erase=0.0, hflip=0.5):
+    """crop "resized": RandomResizedCrop, the ImageNet recipe (zoom and aspect changes). crop "padded":
+    resize the short side, then a random crop from a reflect-padded image (shifts of up to 1/8 of
+    the size), the CIFAR recipe: small images have no detail to spare for zooming."""
+    if crop == "resized":
+        steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)]
+    else:
+        steps = [v2.Resize(img_size, antialias=True),
+                 v2.RandomCrop(img_size, padding=img_size // 8, padding_mode="reflect")]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if auto_augment:
+        steps.append(AUTO_AUGMENT[auto_augment]())
+    steps.append(v2.PILToTensor())
+    if random_erase > 0:  # erase to the mean colour, as erasing to 0 after normalisation would
+        steps.append(v2.RandomErasing(random_erase, value=[round(255 * m) for m in IMAGENET_MEAN]))
+    return v2.Compose(steps)
+
+
+def eval_transform(preprocess):
+    """Resize the short side, then center-crop: `preprocess` is the dict stored in every checkpoint."""
+    return v2.Compose([v2.Resize(preprocess["resize_size"], antialias=True),
+                       v2.CenterCrop(preprocess["img_size"]), v2.PILToTensor()])
+
+
+def eval_preprocess(img_size, crop_pct=None):
+    """Eval preprocessing as plain data. crop_pct is the crop's share of the resized short side:
+    0.875 is the ImageNet convention; small images (<= 64 px) are not zoomed, they lose too much."""
+    if crop_pct is None:
+        crop_pct = 1.0 if img_size <= 64 else 0.875
+    return {"img_size": img_size, "resize_size": int(round(img_size / crop_pct)),
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def normalize(images, mean, std, channels_last=False):
+    """uint8 NCHW batch on the device -> normalised float32."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    images = (images.float() - mean) / std
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+# -----------------------------------------------------------------------------
+# datasets, samplers, loaders
+
+class ImageDataset(Dataset):
+    """(path, target) samples -> (uint8 tensor, target).
+
+    Indexed by (index, epoch) from EpochSampler, the augmentation of each sample is seeded from
+    (seed, epoch, index): the same whatever the number of workers or processes, and repeatable on resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        path, target = self.samples[index]
+        image = load_image(path)
+        if epoch is None:
+            return self.transform(image), target
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched (matters with 0 workers)
+            torch.manual_seed(seed_from(self.seed, epoch, index))
+            return self.transform(image), target
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that yields (index, epoch). Its order is a function of (seed, epoch) only;
+    process r of w takes every w-th index, so w processes with batch b see in each step the same
+    images as 1 process with batch w*b."""
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
+
+
+def loader_kwargs(workers, device):
+    return dict(num_workers=workers, persistent_workers=workers > 0,
+                pin_memory=device.type == "cuda",  # pinned memory only speeds up copies to a GPU
+                prefetch_factor=4 if workers > 0 else None)
+
+
+def make_train_loader(dataset, batch_size, workers, device, seed=0, rank=0, world_size=1):
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if len(sampler) < batch_size:
+        raise SystemExit(f"error: {len(dataset)} training images give {len(sampler)} per process, "
+                         f"fewer than one batch (-b {batch_size}): lower --batch-size")
+    # drop_last keeps every step the same size: no tiny last batch with noisy BatchNorm statistics
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, **loader_kwargs(workers, device))
+
+
+def make_eval_loader(dataset, batch_size, workers, device, rank=0, world_size=1):
+    """Process r evaluates images r, r+w, r+2w...: every image exactly once, no padding duplicates."""
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(shard, batch_size, shuffle=False, **loader_kwargs(workers, device))
+
+
+# -----------------------------------------------------------------------------
+# the embedded dataset: `python train.py` with no --data trains on coloured shapes
+
+SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")
+
+
+def draw_shape(name, rng):
+    """One image of a shape of random size, place, rotation and colours on a noisy background."""
+    width, height = rng.integers(32, 49, size=2)
+    scale = 4  # draw large and downsample: smooth edges
+    background = tuple(int(c) for c in rng.integers(0, 256, 3))
+    foreground = tuple(int((c + rng.integers(90, 166)) % 256) for c in background)  # always contrasts
+    image = Image.new("RGB", (width * scale, height * scale), background)
+    radius = rng.uniform(0.3, 0.45) * min(width, height) * scale
+    cx = rng.uniform(radius, width * scale - radius)
+    cy = rng.uniform(radius, height * scale - radius)
+    angle = rng.uniform(0, 2 * np.pi)
+
+    def polygon(n, inner=None):  # regular polygon, or a star when inner radius is given
+        corners = n * (2 if inner else 1)
+        radii = [radius if (i % 2 == 0 or not inner) else radius * inner for i in range(corners)]
+        return [(cx + r * np.cos(angle + 2 * np.pi * i / corners), cy + r * np.sin(angle + 2 * np.pi * i / corners))
+                for i, r in enumerate(radii)]
+
+    draw = ImageDraw.Draw(image)
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if name == "circle":
+        draw.ellipse(box, fill=foreground)
+    elif name == "ring":
+        draw.ellipse(box, outline=foreground, width=int(radius * 0.35))
+    elif name == "square":
+        draw.polygon(polygon(4), fill=foreground)
+    elif name == "triangle":
+        draw.polygon(polygon(3), fill=foreground)
+    elif name == "star":
+        draw.polygon(polygon(5, inner=0.45), fill=foreground)
+    elif name == "cross":
+        w = radius * 0.3
+        arm = [(-radius, -w), (radius, -w), (radius, w), (-radius, w)]
+        for turn in (angle, angle + np.pi / 2):
+            c, s = np.cos(turn), np.sin(turn)
+            draw.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in arm], fill=foreground)
+    image = image.resize((int(width), int(height)), Image.Resampling.LANCZOS)
+    noise = rng.normal(0, 8, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+def make_shapes_dataset(root, train_per_class=400, val_per_class=100, seed=0):
+    """Writes shapes as JPEG files into root/{train,val}/<shape>/ once; later calls reuse them."""
+    root = Path(root)
+    if (root / "val").is_dir():
+        return root
+    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")  # written aside, then renamed: never half a dataset
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name in SHAPES:
+            (tmp / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                draw_shape(name, rng).save(tmp / split / name / f"{i:04d}.jpg", quality=90)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,115 @@
+"""A model name to an nn.Module: our small-image nets, or any torchvision classification model.
+
+    python train.py --list-models      # every name build_model accepts
+"""
+import difflib
+from functools import partial
+
+import torch
+import torchvision
+from torch import nn
+
+
+# -----------------------------------------------------------------------------
+# our own net for small images (32 to 64 px). It follows Keller Jordan's airbench (2024), itself a
+# descendant of David Page's ResNet-9 for DAWNBench (2018): a tiny 2x2 stem, then three groups of two
+# 3x3 convolutions with a max-pool inside each group, BatchNorm and GELU, global max-pool and a
+# linear head. Few layers at low resolution: most of its work is large, dense convolutions, which is
+# what both a CPU and a GPU run fastest.
+
+def conv_norm(c_in, c_out, norm):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), norm(c_out), nn.GELU()]
+
+
+class ConvGroup(nn.Sequential):
+    def __init__(self, c_in, c_out, norm):
+        conv1, norm1, act1 = conv_norm(c_in, c_out, norm)
+        # pool right after the first conv: the second conv and the norm run at a quarter of the pixels
+        super().__init__(conv1, nn.MaxPool2d(2), norm1, act1, *conv_norm(c_out, c_out, norm))
+
+
+class SmallNet(nn.Module):
+    def __init__(self, num_classes, widths=(64, 256, 256), stem_width=24, dropout=0.0, norm=nn.BatchNorm2d):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem_width, 2, bias=False), norm(stem_width), nn.GELU())
+        channels = [stem_width, *widths]
+        self.groups = nn.Sequential(*[ConvGroup(a, b, norm) for a, b in zip(channels, channels[1:])])
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x):
+        x = self.pool(self.groups(self.stem(x))).flatten(1)
+        return self.fc(self.dropout(x))
+
+
+OWN_MODELS = {
+    "smallnet": partial(SmallNet, widths=(64, 256, 256)),  # airbench94's widths
+    "smallnet_tiny": partial(SmallNet, widths=(32, 64, 128), stem_width=16),  # ~8x cheaper: demos and tests
+    # GroupNorm instead of BatchNorm: no batch statistics, so results do not depend on the per-process batch
+    "smallnet_tiny_gn": partial(SmallNet, widths=(32, 64, 128), stem_width=16, norm=partial(nn.GroupNorm, 8)),
+}
+
+# torchvision models whose defaults do not fit a plain classifier: no auxiliary heads, their own init
+TORCHVISION_KWARGS = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
+def list_models():
+    return sorted(OWN_MODELS) + torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model_name(name):
+    """None if the name is known, else a message with the closest names."""
+    names = list_models()
+    if name in names:
+        return None
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown model {name!r}{hint} (python train.py --list-models prints every name)"
+
+
+def build_model(name, num_classes, pretrained=False, weights=None, log=print):
+    """`pretrained` takes torchvision's default weights (a download); `weights` a local state dict or
+    checkpoint. Either way tensors whose shape does not fit (the head, for other classes) are dropped."""
+    error = check_model_name(name)
+    if error:
+        raise ValueError(error)
+    if name in OWN_MODELS:
+        model = OWN_MODELS[name](num_classes=num_classes)
+    else:
+        model = torchvision.models.get_model(name, num_classes=num_classes, **TORCHVISION_KWARGS.get(name, {}))
+    if pretrained:
+        if name in OWN_MODELS:
+            raise ValueError(f"--pretrained: torchvision has no weights for our {name}; use --weights PATH")
+        state_dict = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=True)
+        load_matching(model, state_dict, "torchvision's default weights", log)
+    if weights:
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+            state_dict = state_dict["model"]  # one of our checkpoints
+        load_matching(model, state_dict, weights, log)
+    return model
+
+
+def load_matching(model, state_dict, source, log=print):
+    """Loads the tensors of state_dict whose name and shape match; says what was left out."""
+    own = model.state_dict()
+    matching = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ValueError(f"no tensor of {source} fits this model: is it the same architecture?")
+    mismatched = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
+    model.load_state_dict(matching, strict=False)
+    log(f"model: loaded {len(matching)}/{len(own)} tensors from {source}")
+    if mismatched:
+        log(f"model: dropped {len(mismatched)} tensor(s) of another shape, left freshly initialised "
+            f"(a head for another number of classes): {', '.join(mismatched)}")
+
+
+def model_from_checkpoint(checkpoint):
+    """The trained model of one of our checkpoints: its EMA weights when the run kept an EMA."""
+    model = build_model(checkpoint["model_name"], len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint.get("model_ema") or checkpoint["model"])
+    return model.eval()

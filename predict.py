@@ -1,0 +1,87 @@
+"""Classify images with a trained checkpoint; it needs nothing but the checkpoint.
+
+    python predict.py img.jpg --ckpt runs/exp/best.pt
+    python predict.py photos/ "more/*.png" --ckpt runs/exp/best.pt --topk 3 --json
+
+The class names and the eval preprocessing (resize, crop, mean, std) come from the checkpoint, which
+is loaded with weights_only=True: a checkpoint cannot run code on your machine.
+"""
+import argparse
+import glob
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import data
+import utils
+from model import model_from_checkpoint
+
+
+def expand_inputs(inputs):
+    """Files, folders (searched recursively) and glob patterns -> sorted image paths."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += sorted(str(p) for p in Path(item).rglob("*")
+                            if p.suffix.lower() in data.IMG_EXTENSIONS and not p.name.startswith("."))
+        elif os.path.isfile(item):
+            paths.append(item)
+        elif glob.has_magic(item):
+            paths += sorted(p for p in glob.glob(item, recursive=True) if Path(p).suffix.lower() in data.IMG_EXTENSIONS)
+        else:
+            raise SystemExit(f"error: {item} is not a file, a folder or a glob pattern that matches anything")
+    if not paths:
+        raise SystemExit(f"error: no image files in {' '.join(inputs)}")
+    return paths
+
+
+@torch.inference_mode()
+def predict(model, paths, preprocess, device, batch_size=32, topk=5):
+    """[(path, [(class index, probability)] best first)] for every image."""
+    transform = data.eval_transform(preprocess)
+    results = []
+    for start in range(0, len(paths), batch_size):
+        batch_paths = paths[start:start + batch_size]
+        images = torch.stack([transform(data.load_image(p)) for p in batch_paths]).to(device)
+        logits = model(data.normalize(images, preprocess["mean"], preprocess["std"]))
+        probs, indices = logits.float().softmax(1).topk(min(topk, logits.shape[1]), dim=1)
+        for path, p, i in zip(batch_paths, probs.tolist(), indices.tolist()):
+            results.append((path, list(zip(i, p))))
+    return results
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--topk", type=int, default=5, help="classes to show per image, at most the number of classes (default: 5)")
+    parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.topk < 1 or args.batch_size < 1:
+        parser.error("--topk and --batch-size must be at least 1")
+    paths = expand_inputs(args.inputs)
+    checkpoint = utils.load_checkpoint(args.ckpt)
+    classes = checkpoint["classes"]
+    device = torch.device(args.device or utils.default_device())
+    model = model_from_checkpoint(checkpoint).to(device)
+    results = predict(model, paths, checkpoint["preprocess"], device, args.batch_size, args.topk)
+    if args.json:
+        print(json.dumps([{"path": path, "predictions": [{"class": classes[i], "probability": round(p, 6)} for i, p in top]}
+                          for path, top in results], indent=1))
+    else:
+        rows = [[path] + [f"{classes[i]} {p:.3f}" for i, p in top] for path, top in results]
+        print(utils.format_table(rows, ["image"] + [f"top-{k + 1}" for k in range(len(results[0][1]))]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

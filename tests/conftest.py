@@ -1,0 +1,50 @@
+"""Shared fixtures: small image folders written as real JPEG/PNG files, and a way to run the scripts."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+
+
+def write_image_folder(root, classes=("circle", "square", "triangle"), n_train=16, n_val=6, splits=("train", "val"),
+                       seed=0):
+    """root/<split>/<class>/*.jpg|png of drawn shapes, mixed sizes (32 to 48 px), mixed formats."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        count = n_train if split == "train" else n_val
+        for name in classes:
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                suffix = ".png" if i % 4 == 0 else ".jpg"
+                data.draw_shape(name, rng).save(folder / f"{i:03d}{suffix}")
+    return Path(root)
+
+
+def run_script(script, *args, cwd=None, env=None, check=True, timeout=300):
+    """Runs `python script.py args...` as a user would; returns the CompletedProcess."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder, tmp_path_factory):
+    """One real two-epoch training run that several tests read."""
+    out = tmp_path_factory.mktemp("run")
+    result = run_script("train.py", "--data", image_folder, "--epochs", 2, "--model", "smallnet_tiny", "-b", 8,
+                        "--workers", 0, "--output-dir", out)
+    return out, result

@@ -1,0 +1,185 @@
+"""data.py: folder layouts, decoding of every image kind, transforms, sampling."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import write_image_folder
+
+
+# -- decoding -------------------------------------------------------------------
+
+def test_every_image_mode_loads_as_rgb(tmp_path):
+    base = Image.new("RGB", (40, 30), (200, 40, 10))
+    files = {
+        "gray.png": base.convert("L"),
+        "rgba.png": base.convert("RGBA"),
+        "palette.png": base.convert("P"),
+        "cmyk.jpg": base.convert("CMYK"),
+        "gray.jpg": base.convert("L"),
+        "pic.bmp": base, "pic.tiff": base, "pic.webp": base, "pic.ppm": base, "pic.pgm": base.convert("L"),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    for name in files:
+        image = data.load_image(tmp_path / name)
+        assert image.mode == "RGB" and image.size == (40, 30), name
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black
+    image.putpixel((0, 0), (10, 20, 30, 255))
+    image.save(tmp_path / "t.png")
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    palette.save(tmp_path / "p.png", transparency=0)
+    rgba = np.asarray(data.load_image(tmp_path / "t.png"))
+    assert tuple(rgba[0, 0]) == (10, 20, 30) and tuple(rgba[4, 4]) == (255, 255, 255)
+    pal = np.asarray(data.load_image(tmp_path / "p.png"))
+    assert tuple(pal[1, 1]) == (255, 0, 0) and tuple(pal[4, 4]) == (255, 255, 255)
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    out = np.asarray(data.load_image(tmp_path / "deep.png"))[0, :, 0].astype(int)
+    assert out[0] == 0 and out[-1] == 255 and 120 <= out[32] <= 135  # mid-grey stays mid-grey
+    assert np.all(np.diff(out) >= 0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # 60x20 pixels stored, EXIF orientation 6 (rotate 90 degrees clockwise to display): shown as 20x60
+    image = Image.new("RGB", (60, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 10, 20))  # red on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    shown = data.load_image(tmp_path / "rotated.jpg")
+    assert shown.size == (20, 60)
+    top = np.asarray(shown)[2, 10]
+    assert top[0] > 200 and top[2] < 60  # the stored left edge is now the top
+
+
+# -- folder layout --------------------------------------------------------------
+
+def test_classes_and_files(tmp_path):
+    root = write_image_folder(tmp_path / "ds", n_train=2, n_val=1)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "circle" / "notes.txt").write_text("not an image")
+    (root / "train" / "circle" / ".DS_Store").write_bytes(b"\0\0")
+    Image.new("RGB", (32, 32)).save(root / "train" / "circle" / "UPPER.JPG")
+    Image.new("RGB", (32, 32)).save(root / "train" / "square" / "mixed.Png")
+    classes, train, val = data.load_samples(root, log=lambda *_: None)
+    assert classes == ["circle", "square", "triangle"]
+    names = [p.rsplit("/", 1)[-1] for p, _ in train]
+    assert "UPPER.JPG" in names and "mixed.Png" in names and "notes.txt" not in names
+    assert len(train) == 8 and len(val) == 3
+    assert all(classes[t] in p for p, t in train + val)
+
+
+def test_test_folder_replaces_missing_val(tmp_path):
+    root = write_image_folder(tmp_path / "ds", n_train=2, n_val=2, splits=("train", "test"))
+    messages = []
+    _, _, val = data.load_samples(root, log=messages.append)
+    assert len(val) == 6 and all("/test/" in p for p, _ in val)
+    assert any("test" in m for m in messages)
+
+
+def test_val_split_is_stratified_and_deterministic(tmp_path):
+    root = write_image_folder(tmp_path / "ds", n_train=20, splits=("train",))
+    messages = []
+    classes, train, val = data.load_samples(root, val_fraction=0.2, seed=3, log=messages.append)
+    assert len(val) == 12 and len(train) == 48
+    assert [sum(t == c for _, t in val) for c in range(3)] == [4, 4, 4]
+    assert not {p for p, _ in train} & {p for p, _ in val}
+    assert data.load_samples(root, val_fraction=0.2, seed=3, log=lambda *_: None)[2] == val
+    assert any("--val-fraction" in m for m in messages)
+
+
+def test_val_class_missing_from_train_is_an_error(tmp_path):
+    root = write_image_folder(tmp_path / "ds", n_train=2, n_val=1)
+    write_image_folder(tmp_path / "ds", classes=("hexagon",), n_train=0, n_val=1, splits=("val",))
+    with pytest.raises(SystemExit, match="hexagon"):
+        data.load_samples(root, log=lambda *_: None)
+
+
+def test_val_lacking_a_class_keeps_train_indices(tmp_path):
+    root = write_image_folder(tmp_path / "ds", n_train=2, n_val=0, splits=("train",))
+    write_image_folder(root, classes=("triangle",), n_val=2, splits=("val",))
+    messages = []
+    classes, _, val = data.load_samples(root, log=messages.append)
+    assert {t for _, t in val} == {classes.index("triangle")} == {2}
+    assert any("circle" in m and "square" in m for m in messages if m.startswith("warning"))
+
+
+@pytest.mark.parametrize("side,expected", [(40, 32), (32, 32), (100, 96), (150, 160), (800, 224), (12, 32)])
+def test_image_size_is_inferred_from_short_sides(tmp_path, side, expected):
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (side + 7 * i, side)).save(path)
+        paths.append(str(path))
+    assert data.infer_img_size(paths) == expected
+
+
+# -- transforms and sampling ----------------------------------------------------
+
+def test_transforms_give_uint8_crops(image_folder):
+    image = data.load_image(next((image_folder / "train" / "circle").iterdir()))
+    for crop in ("resized", "padded"):
+        out = data.train_transform(32, crop, auto_augment="ta_wide", random_erase=1.0)(image)
+        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    preprocess = data.eval_preprocess(32)
+    out = data.eval_transform(preprocess)(image)
+    assert out.shape == (3, 32, 32) and preprocess["resize_size"] == 32
+    assert data.eval_preprocess(224)["resize_size"] == 256
+    x = data.normalize(out[None], preprocess["mean"], preprocess["std"])
+    assert x.dtype == torch.float32 and abs(x.mean().item()) < 3
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(image_folder):
+    _, train, _ = data.load_samples(image_folder, log=lambda *_: None)
+    dataset = data.ImageDataset(train, data.train_transform(32, "resized"), seed=5)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    a, b = dataset[(3, 1)][0], dataset[(3, 1)][0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, dataset[(3, 2)][0])  # another epoch, another crop
+    torch.manual_seed(0)
+    assert torch.equal(before, torch.rand(1))  # the caller's random stream is left alone
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2,
+                                         sampler=[(i, 1) for i in range(8)])
+    assert torch.equal(next(iter(loader))[0][3], a)  # the same inside a worker process
+
+
+def test_two_processes_see_the_global_batch_of_one(image_folder):
+    dataset = list(range(48))
+    one = data.EpochSampler(dataset, num_replicas=1, rank=0, seed=1)
+    ranks = [data.EpochSampler(dataset, num_replicas=2, rank=r, seed=1) for r in range(2)]
+    for sampler in [one, *ranks]:
+        sampler.set_epoch(4)
+    single = [i for i, _ in one]
+    shards = [[i for i, epoch in s] for s in ranks]
+    for step in range(6):  # batch 8 on one process = batch 4 on each of two
+        assert sorted(single[8 * step:8 * step + 8]) == sorted(shards[0][4 * step:4 * step + 4] + shards[1][4 * step:4 * step + 4])
+    assert all(epoch == 4 for _, epoch in one)
+
+
+def test_eval_shards_count_every_image_once(image_folder):
+    dataset = list(range(7))
+    device = torch.device("cpu")
+    seen = [i for rank in range(2) for batch in data.make_eval_loader(dataset, 2, 0, device, rank, 2) for i in batch.tolist()]
+    assert sorted(seen) == list(range(7))
+
+
+def test_shapes_dataset_is_written_once(tmp_path):
+    root = data.make_shapes_dataset(tmp_path / "shapes", train_per_class=3, val_per_class=2)
+    files = sorted(root.rglob("*.jpg"))
+    assert len(files) == 6 * 5
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    data.make_shapes_dataset(tmp_path / "shapes", train_per_class=3, val_per_class=2)
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    assert not list(tmp_path.glob(".shapes*"))

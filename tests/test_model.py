@@ -1,0 +1,52 @@
+"""model.py: names to modules, heads sized to the classes, local and 'pretrained' weights."""
+import pytest
+import torch
+import torchvision
+
+import model as model_lib
+
+
+@pytest.mark.parametrize("name", ["smallnet", "smallnet_tiny", "resnet18", "mobilenet_v3_small", "squeezenet1_0", "googlenet"])
+def test_models_output_one_logit_per_class(name):
+    net = model_lib.build_model(name, 7).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_list_and_unknown_names():
+    names = model_lib.list_models()
+    assert {"smallnet", "resnet18", "vit_b_16"} <= set(names)
+    assert model_lib.check_model_name("resnet18") is None
+    message = model_lib.check_model_name("resnet19")
+    assert "resnet18" in message and "--list-models" in message
+    with pytest.raises(ValueError, match="unknown model"):
+        model_lib.build_model("nonet", 3)
+
+
+def test_local_weights_drop_a_mismatched_head(tmp_path):
+    source = torchvision.models.resnet18(num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "imagenet.pth")
+    messages = []
+    net = model_lib.build_model("resnet18", 3, weights=tmp_path / "imagenet.pth", log=messages.append)
+    assert torch.equal(net.conv1.weight, source.conv1.weight)
+    assert net.fc.weight.shape == (3, 512)
+    assert any("fc.weight" in m and "dropped" in m for m in messages)
+
+
+def test_pretrained_uses_torchvision_weights(tmp_path, monkeypatch):
+    # torchvision looks in $TORCH_HOME/hub/checkpoints before downloading: put a file there
+    weights = torchvision.models.get_model_weights("resnet18").DEFAULT
+    source = torchvision.models.resnet18(num_classes=1000)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(source.state_dict(), cache / weights.url.rsplit("/", 1)[-1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    net = model_lib.build_model("resnet18", 5, pretrained=True, log=lambda *_: None)
+    assert torch.equal(net.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert net.fc.out_features == 5
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    torch.save(torchvision.models.squeezenet1_0().state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="same architecture"):
+        model_lib.build_model("smallnet_tiny", 3, weights=tmp_path / "other.pth")

@@ -1,0 +1,194 @@
+"""train.py, evaluate.py and predict.py as a user runs them: real files, real subprocesses."""
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import ROOT, run_script, write_image_folder
+
+TINY = ["--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
+
+
+def read_results(run_dir):
+    with open(run_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_every_output(trained_run, image_folder):
+    out, result = trained_run
+    assert {"last.pt", "best.pt", "results.csv", "args.json", "train.log"} <= {p.name for p in out.iterdir()}
+    rows = read_results(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == train.RESULTS_COLUMNS
+    assert all(math.isfinite(float(r["train_loss"])) and float(r["images_per_s"]) > 0 for r in rows)
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["classes"] == ["circle", "square", "triangle"]
+    assert checkpoint["preprocess"]["img_size"] == 32 and checkpoint["args"]["epochs"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    assert {"optimizer", "scaler", "step", "best_top1"} <= set(checkpoint)
+    assert json.loads((out / "args.json").read_text())["model"] == "smallnet_tiny"
+    log = (out / "train.log").read_text()
+    assert "image size 32 px" in log and "step 6/6" in log and "img/s" in log and "eta" in log
+    assert log.count("\r") == 0  # the log holds each epoch's final progress line, not redraws
+
+
+def test_best_checkpoint_is_the_best_epoch(trained_run):
+    out, _ = trained_run
+    rows = read_results(out)
+    best = torch.load(out / "best.pt", weights_only=True)
+    best_row = max(rows, key=lambda r: float(r["val_top1"]))  # max() keeps the first of equals
+    assert best["epoch"] == int(best_row["epoch"])
+    assert best["metrics"]["top1"] == pytest.approx(float(best_row["val_top1"]), abs=1e-3)
+
+
+def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
+    out, _ = trained_run
+    best = torch.load(out / "best.pt", weights_only=True)
+    result = run_script("evaluate.py", "--ckpt", out / "best.pt", "--data", image_folder, "--workers", 0,
+                        "--json", tmp_path / "m.json", "--csv", tmp_path / "m.csv")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["count"] == 18
+    assert metrics["top1"] == pytest.approx(best["metrics"]["top1"], abs=1e-6)
+    assert metrics["loss"] == pytest.approx(best["metrics"]["loss"], rel=1e-4)
+    assert sum(map(sum, metrics["confusion"])) == 18 and metrics["k"] == 3  # top-5 capped at 3 classes
+    assert "per-class top-1" in result.stdout and "confusion matrix" in result.stdout and "triangle" in result.stdout
+    rows = list(csv.reader(open(tmp_path / "m.csv")))
+    assert rows[0][:3] == ["class", "images", "top1"] and len(rows) == 4
+
+
+def test_predict_names_the_class(trained_run, image_folder):
+    out, _ = trained_run
+    image = image_folder / "val" / "square" / "001.jpg"
+    table = run_script("predict.py", image, "--ckpt", out / "best.pt", "--topk", 2).stdout
+    assert str(image) in table and ("square" in table or "circle" in table or "triangle" in table)
+    results = json.loads(run_script("predict.py", image_folder / "val", "--ckpt", out / "best.pt", "--json").stdout)
+    assert len(results) == 18
+    probabilities = [p["probability"] for p in results[0]["predictions"]]
+    assert len(probabilities) == 3 and sum(probabilities) == pytest.approx(1, abs=1e-4)
+    assert probabilities == sorted(probabilities, reverse=True)
+    globbed = json.loads(run_script("predict.py", f"{image_folder}/val/*/00[01].*", "--ckpt", out / "best.pt", "--json").stdout)
+    assert len(globbed) == 6
+
+
+def test_predict_matches_evaluate_preprocessing(trained_run, image_folder):
+    """predict.py and evaluate.py classify each image identically (same decode, resize, crop)."""
+    out, _ = trained_run
+    import data
+    import predict
+    from model import model_from_checkpoint
+    checkpoint = utils.load_checkpoint(out / "best.pt")
+    model = model_from_checkpoint(checkpoint)
+    paths = predict.expand_inputs([str(image_folder / "val")])
+    predicted = [top[0][0] for _, top in predict.predict(model, paths, checkpoint["preprocess"], torch.device("cpu"))]
+    dataset = data.ImageDataset([(p, 0) for p in paths], data.eval_transform(checkpoint["preprocess"]))
+    images = torch.stack([dataset[i][0] for i in range(len(paths))])
+    with torch.no_grad():
+        logits = model(data.normalize(images, checkpoint["preprocess"]["mean"], checkpoint["preprocess"]["std"]))
+    assert predicted == logits.argmax(1).tolist()
+
+
+def test_many_options_together(image_folder, tmp_path):
+    """fp16 with a GradScaler (runs on the CPU too), EMA, MixUp/CutMix, clipping, accumulation, AdamW, augmentations."""
+    out = tmp_path / "run"
+    train.main(["--data", str(image_folder), "--epochs", "2", *TINY, "--output-dir", str(out), "--amp", "fp16",
+                "--model-ema", "--model-ema-decay", "0.9", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
+                "--clip-grad-norm", "1.0", "--accum-steps", "2", "--opt", "adamw", "--auto-augment", "ta_wide",
+                "--random-erase", "0.25", "--train-crop", "resized", "--no-channels-last", "--label-smoothing", "0.2"])
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["model_ema"] is not None and checkpoint["step"] == 2 * 3  # 6 batches / 2 accumulation steps
+    assert checkpoint["scaler"]["scale"] > 0
+    assert not torch.equal(checkpoint["model_ema"]["fc.weight"], checkpoint["model"]["fc.weight"])
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    assert "adamw" in str(checkpoint["args"]["opt"])
+
+
+def test_deterministic_runs_are_bitwise_equal(image_folder, tmp_path):
+    finals = []
+    for name in ("a", "b"):
+        train.main(["--data", str(image_folder), "--epochs", "1", *TINY, "--output-dir", str(tmp_path / name),
+                    "--deterministic", "--mixup-alpha", "0.5"])
+        finals.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["model"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    lrs = [train.lr_at(s, 100, 10, 1.0, 0.01) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[55] == pytest.approx(0.505, abs=0.01) and train.lr_at(100, 100, 10, 1.0, 0.01) == pytest.approx(0.01)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    from model import build_model
+    net = build_model("smallnet_tiny", 3)
+    args = train.parse_args(["--wd", "0.1"])
+    decay, no_decay = train.make_optimizer(net, args, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path):
+    args = ["--data", image_folder, "--epochs", 3, *TINY, "--seed", 7]
+    run_script("train.py", *args, "--output-dir", tmp_path / "full")
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args), "--output-dir", str(interrupted)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (interrupted / "last.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(interrupted / "last.pt", weights_only=True)["epoch"]
+    assert stopped_at < 3, "the run finished before it could be killed"
+    result = run_script("train.py", "--resume", interrupted / "last.pt")
+    assert f"resumed at epoch {stopped_at}/3" in result.stdout
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    resumed = torch.load(interrupted / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 3
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    assert [r["epoch"] for r in read_results(interrupted)] == ["1", "2", "3"]
+    again = run_script("train.py", "--resume", interrupted / "last.pt")
+    assert "finished run" in again.stdout
+
+
+def test_default_run_generates_shapes(tmp_path):
+    """`python train.py` with no --data: writes the shapes dataset once and trains on it."""
+    result = run_script("train.py", "--epochs", 1, "--model", "smallnet_tiny", cwd=tmp_path)
+    assert "generated shapes" in result.stdout
+    assert len(list((tmp_path / "datasets" / "shapes" / "val").rglob("*.jpg"))) == 600
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("shapes-") and (run_dir / "best.pt").exists()
+
+
+def test_two_class_dataset_reports_top2(tmp_path):
+    root = write_image_folder(tmp_path / "ds", classes=("circle", "ring"), n_train=8, n_val=3)
+    run_script("train.py", "--data", root, "--epochs", 1, *TINY, "--output-dir", tmp_path / "run")
+    result = run_script("evaluate.py", "--ckpt", tmp_path / "run" / "best.pt", "--data", root, "--workers", 0)
+    assert "top-2" in result.stdout
+    assert read_results(tmp_path / "run")[0]["val_top5"] == "100"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["-b", "0"], "--batch-size must be at least 1"),
+    (["--model", "resnet19"], "did you mean resnet18"),
+    (["--resume", "nowhere/last.pt"], "does not exist"),
+])
+def test_bad_flags_are_argparse_errors(flags, message, image_folder):
+    result = run_script("train.py", "--data", image_folder, *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_list_models():
+    result = run_script("train.py", "--list-models")
+    assert "smallnet" in result.stdout.split() and "resnet50" in result.stdout.split()

@@ -1,0 +1,417 @@
+"""Train an image classifier on a folder of images.
+
+    python train.py                                     # demo: generated shapes, about 2 minutes on a 2-core CPU
+    python train.py --data DATA --epochs 20             # DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg
+    python train.py --data DATA --model resnet50 --pretrained --lr 0.01
+    torchrun --nproc_per_node 4 train.py --data DATA    # one process per GPU (or CPU processes with gloo)
+    python train.py --resume runs/exp/last.pt           # continue a stopped run where it stopped
+
+Writes to --output-dir (default runs/<data folder name>-<date>-<time>): last.pt (every epoch), best.pt (best val
+top-1 so far), results.csv (a row per epoch), args.json and train.log.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
+
+import data
+import utils
+from evaluate import AMP_DTYPES, autocast, evaluate
+from model import build_model, check_model_name, list_models
+
+# defaults that depend on the optimizer: SGD and AdamW want learning rates 100x apart
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "wd": 5e-4}, "adamw": {"lr": 1e-3, "wd": 0.05}}
+RESULTS_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds", "images_per_s"]
+SHAPES_DIR = "datasets/shapes"  # where `python train.py` without --data writes its demo dataset
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--data", default=None, help=f"dataset folder (default: generate a shapes demo in {SHAPES_DIR})")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/ held out when there is no val/ or test/ (default: 0.1)")
+    p.add_argument("--img-size", type=int, default=None, help="training crop size (default: about the median short side of the images, a multiple of 32, at most 224)")
+    p.add_argument("--crop-pct", type=float, default=None, help="eval center crop / resized short side (default: 1.0 up to 64 px, else 0.875)")
+    p.add_argument("--train-crop", default=None, choices=["resized", "padded"], help="RandomResizedCrop, or a random crop of the reflect-padded image (default: padded up to 64 px, else resized)")
+    p.add_argument("--min-scale", type=float, default=0.25, help="smallest area share of RandomResizedCrop (default: 0.25; ImageNet recipes use 0.08, too harsh for short runs)")
+    p.add_argument("--auto-augment", default=None, choices=list(data.AUTO_AUGMENT), help="TrivialAugment, RandAugment or AugMix (default: none)")
+    p.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability (default: 0)")
+    p.add_argument("--mixup-alpha", type=float, default=0.0, help="MixUp alpha, 0 is off (default: 0)")
+    p.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix alpha, 0 is off (default: 0)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loading processes per training process (default: from the core count)")
+    # model
+    p.add_argument("--model", default=None, help="a name from --list-models (default: smallnet up to 64 px, else resnet18)")
+    p.add_argument("--list-models", action="store_true", help="print the model names and exit")
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision's default weights (downloads them)")
+    p.add_argument("--weights", default=None, help="start from a local state dict or checkpoint; a head of another shape is dropped")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
+    p.add_argument("-b", "--batch-size", type=int, default=64, help="images per process per step; global batch = this x processes x --accum-steps (default: 64)")
+    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: steps per optimizer update (default: 1)")
+    p.add_argument("--opt", default="sgd", choices=list(OPTIMIZER_DEFAULTS), help="SGD with Nesterov momentum, or AdamW (default: sgd)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, never rescaled for you (default: 0.05 for sgd, 1e-3 for adamw)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=None, help="weight decay, not applied to norm and bias parameters (default: 5e-4 for sgd, 0.05 for adamw)")
+    p.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup from 0, in epochs (default: 1)")
+    p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the end of the cosine decay (default: 0)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: off)")
+    p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; it is evaluated, selected and saved for use")
+    p.add_argument("--model-ema-decay", type=float, default=0.999, help="EMA decay per optimizer step (default: 0.999)")
+    # speed and numerics
+    p.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype: bf16, fp16 (with a GradScaler) or off (default: bf16)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format, faster for convolutions on CPU and GPU (default: on)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes (CUDA only)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
+    p.add_argument("--deterministic", action="store_true", help="bitwise repeatable runs (slower kernels on GPU)")
+    # output
+    p.add_argument("--output-dir", default=None, help="where files go (default: runs/<data folder name>-<date>-<time>)")
+    p.add_argument("--resume", default=None, help="continue from this last.pt, with the arguments it was started with")
+    return p
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.list_models:
+        print("\n".join(list_models()))
+        sys.exit(0)
+    if args.resume:
+        if not Path(args.resume).is_file():
+            parser.error(f"--resume: {args.resume} does not exist")
+        return args
+    for name in ("epochs", "batch_size", "accum_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 or more")
+    if not 0 < args.val_fraction < 1:
+        parser.error("--val-fraction must be between 0 and 1")
+    if args.model and check_model_name(args.model):
+        parser.error(f"--model: {check_model_name(args.model)}")
+    for name, value in OPTIMIZER_DEFAULTS[args.opt].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def resume_args(args):
+    """A resumed run takes its arguments from the checkpoint; only how it runs may change."""
+    checkpoint = utils.load_checkpoint(args.resume)
+    saved = dict(checkpoint["args"])
+    saved.update(resume=args.resume, workers=args.workers, device=args.device,
+                 output_dir=str(Path(args.resume).parent))
+    return argparse.Namespace(**saved), checkpoint
+
+
+def default_workers(world_size):
+    """Loader processes compete with the model for cores: leave about half the cores to compute."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores // (2 * world_size)))
+
+
+def new_output_dir(data_name):
+    base = Path("runs") / f"{data_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = base, 2
+    while path.exists():
+        path, n = Path(f"{base}-{n}"), n + 1
+    return path
+
+
+# -----------------------------------------------------------------------------
+# optimisation: the learning rate is a pure function of the step
+
+def lr_at(step, total_steps, warmup_steps, base_lr, min_lr):
+    """Linear warmup from 0, then cosine decay to min_lr at total_steps."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, args, device):
+    """No weight decay on norm weights and biases (every 0- or 1-dimensional parameter)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused kernels (one launch for all parameters) on CUDA, foreach (vectorised) elsewhere
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, **fast)
+    return torch.optim.AdamW(groups, lr=args.lr, **fast)
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)  # BatchNorm statistics: take the model's own
+
+
+def make_mix(args, num_classes):
+    mixes = [v2.MixUp(alpha=args.mixup_alpha, num_classes=num_classes)] if args.mixup_alpha > 0 else []
+    mixes += [v2.CutMix(alpha=args.cutmix_alpha, num_classes=num_classes)] if args.cutmix_alpha > 0 else []
+    return v2.RandomChoice(mixes) if mixes else None
+
+
+# -----------------------------------------------------------------------------
+# one epoch
+
+def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix, epoch, step, run):
+    """Trains one epoch from optimizer step `step`. Returns the step after it and the epoch's stats.
+
+    Losses and hits are summed on the device and read only when the progress line is redrawn:
+    the loop itself never waits for the device."""
+    args, device, log = run["args"], run["device"], run["log"]
+    model.train()
+    loader.sampler.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch)
+    steps_per_epoch = len(loader) // args.accum_steps
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros((), dtype=torch.int64, device=device)
+    seen, data_wait, start = 0, 0.0, time.perf_counter()
+    progress = Progress(epoch, args.epochs, steps_per_epoch, log)
+    batches = iter(loader)
+    for micro_step in range(steps_per_epoch * args.accum_steps):
+        wait = time.perf_counter()
+        images, targets = next(batches)
+        data_wait += time.perf_counter() - wait
+        # every random draw of this step (dropout, MixUp) is a function of (seed, epoch, step, rank)
+        torch.manual_seed(utils.seed_from(args.seed, epoch, micro_step, run["rank"]))
+        images = data.normalize(images.to(device, non_blocking=True), run["preprocess"]["mean"],
+                                run["preprocess"]["std"], args.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        labels = targets
+        if mix is not None:
+            images, targets = mix(images, targets)
+        update = (micro_step + 1) % args.accum_steps == 0
+        if update:
+            lr = lr_at(step, run["total_steps"], run["warmup_steps"], args.lr, args.lr_min)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        # DDP all-reduces gradients in backward; between accumulation steps there is nothing to reduce yet
+        sync = nullcontext() if (update or not isinstance(model, DDP)) else model.no_sync()
+        with sync:
+            with autocast(device, args.amp):
+                logits = model(images)
+                loss = criterion(logits.float(), targets)
+            scaler.scale(loss / args.accum_steps).backward()
+        loss_sum += loss.detach() * len(labels)
+        hits += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+        if update:
+            if args.clip_grad_norm:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if ema_model is not None:
+                update_ema(ema_model, run["raw_model"], min(args.model_ema_decay, (1 + step) / (10 + step)))
+            progress.update(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
+    progress.finish(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
+    # totals over all processes: a sync point, once per epoch
+    totals = utils.all_reduce_sum(torch.stack([loss_sum.double(), hits.double(), torch.tensor(seen, device=device, dtype=torch.float64)]))
+    loss_total, hits_total, seen_total = totals.tolist()
+    seconds = time.perf_counter() - start
+    return step, {"lr": lr, "train_loss": loss_total / seen_total, "train_top1": 100 * hits_total / seen_total,
+                  "seconds": seconds, "images_per_s": seen_total / seconds}
+
+
+class Progress:
+    """One live line per epoch, redrawn in place about once a second on a terminal (each redraw reads
+    the loss from the device: a sync point); only its final state goes to the log."""
+
+    def __init__(self, epoch, epochs, steps, log):
+        self.head, self.steps, self.log = f"epoch {epoch + 1}/{epochs}", steps, log
+        self.live = sys.stdout.isatty()
+        self.last_draw = time.perf_counter()
+
+    def line(self, step, loss_sum, seen, lr, data_wait, start):
+        elapsed = time.perf_counter() - start
+        eta = elapsed / max(step, 1) * (self.steps - step)
+        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(seen, 1):.4f}  lr {lr:.4g}  "
+                f"{seen / elapsed:.0f} img/s  data wait {100 * data_wait / elapsed:.0f}%  eta {timedelta(seconds=round(eta))}")
+
+    def update(self, *state):
+        if self.live and time.perf_counter() - self.last_draw > 1.0:
+            self.last_draw = time.perf_counter()
+            print("\r" + self.line(*state), end="", flush=True)
+
+    def finish(self, *state):
+        if self.live:
+            print("\r", end="")
+        self.log(self.line(*state))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and results
+
+def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_top1, metrics):
+    """Everything needed to continue the run or to use the model alone. No RNG state is needed:
+    every random draw is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index)."""
+    return {
+        "model": utils.unwrap_state_dict(run["raw_model"].state_dict()),
+        "model_ema": utils.unwrap_state_dict(ema_model.state_dict()) if ema_model is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,  # epochs completed
+        "step": step,  # optimizer steps completed
+        "best_top1": best_top1,
+        "metrics": metrics,
+        "world_size": run["world_size"],
+        "args": vars(run["args"]),
+        "model_name": run["args"].model,
+        "classes": run["classes"],
+        "preprocess": run["preprocess"],
+    }
+
+
+def append_results(path, row):
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, RESULTS_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    checkpoint = None
+    if args.resume:
+        args, checkpoint = resume_args(args)
+    rank, local_rank, world_size, device = utils.setup_distributed(args.device)
+    if args.amp == "fp16" and device.type == "mps":
+        raise SystemExit("error: --amp fp16 is not supported on mps; use bf16 or off")
+    if args.sync_bn and world_size > 1 and device.type != "cuda":
+        raise SystemExit("error: --sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop the flag")
+    if args.workers is None:
+        args.workers = default_workers(world_size)
+    utils.set_deterministic(args.deterministic)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores: ~same accuracy, much faster matmuls
+        torch.backends.cudnn.allow_tf32 = True
+
+    # output folder and log: rank 0 writes, the others stay quiet
+    if rank == 0 and args.output_dir is None:
+        args.output_dir = str(new_output_dir(Path(args.data or SHAPES_DIR).resolve().name))
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    log = utils.make_logger(output_dir / "train.log" if rank == 0 else None, enabled=rank == 0)
+    log(f"{'resuming ' + args.resume if args.resume else 'training'}: {' '.join(sys.argv)}")
+    if checkpoint is not None and checkpoint["world_size"] != world_size:
+        raise SystemExit(f"error: {args.resume} was trained by {checkpoint['world_size']} process(es); resume it "
+                         f"with the same number (this run has {world_size}), so the batch and schedule stay the same")
+    if checkpoint is not None and checkpoint["epoch"] >= args.epochs:
+        log(f"{args.resume} is a finished run ({checkpoint['epoch']}/{args.epochs} epochs): nothing to do. "
+            "To train further, start a new run with --weights " + args.resume)
+        utils.cleanup_distributed()
+        return
+
+    # data
+    if args.data is None:
+        if local_rank == 0:
+            log(f"data: no --data given: training on generated shapes in {SHAPES_DIR} (written once)")
+            data.make_shapes_dataset(SHAPES_DIR)
+        if world_size > 1:
+            torch.distributed.barrier()  # the other processes wait for the files
+        args.data = SHAPES_DIR
+    classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log)
+    if args.img_size is None:
+        args.img_size = data.infer_img_size([path for path, _ in train_samples])
+        log(f"data: image size {args.img_size} px, from the median short side of the training images (--img-size)")
+    if args.model is None:
+        args.model = "smallnet" if args.img_size <= 64 else "resnet18"
+        log(f"model: {args.model}, the default for {args.img_size} px images (--model)")
+    if args.train_crop is None:
+        args.train_crop = "padded" if args.img_size <= 64 else "resized"
+    preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
+    train_set = data.ImageDataset(train_samples, data.train_transform(
+        args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase), seed=args.seed)
+    val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess))
+    train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank, world_size)
+    val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
+    log(f"batch: {args.batch_size} per process x {world_size} process(es) x {args.accum_steps} accumulation "
+        f"step(s) = {args.batch_size * world_size * args.accum_steps} images per update; {args.workers} loader "
+        f"worker(s) per process; device {device}")
+
+    # model
+    utils.seed_everything(args.seed)  # the same initial weights in every process
+    model = build_model(args.model, len(classes), args.pretrained, args.weights, log)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    ema_model = None
+    if args.model_ema:
+        ema_model = build_model(args.model, len(classes), log=lambda *_: None).to(device)
+        ema_model.load_state_dict(model.state_dict())
+        ema_model.eval().requires_grad_(False)
+    raw_model = model  # the module whose state_dict we save, whatever wraps it below
+    optimizer = make_optimizer(raw_model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # only fp16 underflows
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    mix = make_mix(args, len(classes))
+
+    start_epoch, step, best_top1 = 0, 0, -1.0
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+        if ema_model is not None:
+            ema_model.load_state_dict(checkpoint["model_ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, step, best_top1 = checkpoint["epoch"], checkpoint["step"], checkpoint["best_top1"]
+        log(f"resumed at epoch {start_epoch}/{args.epochs}, best val top-1 so far {best_top1:.2f}%")
+    steps_per_epoch = len(train_loader) // args.accum_steps
+    run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model, "classes": classes,
+           "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
+           "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch)}
+    if rank == 0:
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+
+    # the loop
+    for epoch in range(start_epoch, args.epochs):
+        step, stats = train_one_epoch(model, ema_model, train_loader, optimizer, scaler, criterion, mix, epoch, step, run)
+        eval_model = ema_model if ema_model is not None else model
+        metrics = evaluate(eval_model, val_loader, device, len(classes), preprocess, args.amp, args.channels_last)
+        is_best = metrics["top1"] > best_top1  # strictly better: a tie never replaces the best
+        best_top1 = max(best_top1, metrics["top1"])
+        log(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f} top-1 {stats['train_top1']:.2f}%  "
+            f"val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% top-{metrics['k']} {metrics['topk']:.2f}%  "
+            f"{stats['seconds']:.1f}s  {stats['images_per_s']:.0f} img/s" + ("  * best" if is_best else ""))
+        if rank == 0:
+            ckpt = make_checkpoint(run, optimizer, scaler, ema_model, epoch + 1, step, best_top1, metrics)
+            if is_best:  # best.pt before last.pt: last.pt never records a best that best.pt lacks
+                utils.save_checkpoint(ckpt, output_dir / "best.pt")
+            utils.save_checkpoint(ckpt, output_dir / "last.pt")
+            append_results(output_dir / "results.csv", {
+                "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
+                "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["topk"],
+                "seconds": stats["seconds"], "images_per_s": stats["images_per_s"]})
+    log(f"done: best val top-1 {best_top1:.2f}%; checkpoints, results.csv and train.log in {output_dir}")
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
