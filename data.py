@@ -9,6 +9,8 @@ Images leave the loader as uint8 tensors (4x less to copy between processes than
 import os
 import shutil
 import statistics
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # -----------------------------------------------------------------------------
 # decoding: every image becomes an upright 3-channel RGB image, in training, evaluation and prediction
 
+class UnreadableImage(Exception):
+    pass
+
+
 def load_image(path):
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in the pixels
-        return to_rgb(image)
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in the pixels
+            return to_rgb(image)
+    except Exception as e:  # truncated, corrupt, not an image, too many pixels...
+        raise UnreadableImage(f"{path}: {e}") from e
+
+
+def check_image(path):
+    """Why a file cannot be used, from its size and header alone (fast), or None if it looks fine.
+    Damage deeper in the file (a truncated JPEG) shows only when it is decoded, in the loader."""
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"too many pixels for PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels)"
+    except Exception as e:
+        return f"not a readable image ({type(e).__name__}: {e})"
+    return "zero-sized image" if width * height == 0 else None
+
+
+def scan_images(samples, strict=False, log=print):
+    """Drops the files that check_image refuses, naming each, or stops on them with strict."""
+    problems = [(path, check_image(path)) for path, _ in samples]
+    bad = [(path, why) for path, why in problems if why]
+    if bad:
+        listing = "\n".join(f"  {path}: {why}" for path, why in bad)
+        if strict:
+            raise SystemExit(f"error: {len(bad)} unusable image file(s) (--strict stops on them):\n{listing}")
+        log(f"warning: skipping {len(bad)} unusable image file(s) (--strict makes this an error):\n{listing}")
+    return [sample for sample, (_, why) in zip(samples, problems) if not why]
 
 
 def to_rgb(image):
@@ -82,8 +120,9 @@ def stratified_split(samples, fraction, seed):
     return train, val
 
 
-def load_samples(data_root, val_fraction=0.1, seed=0, log=print):
-    """Reads DATA/train and DATA/val (or DATA/test, or a split of train). Returns classes, train and val samples."""
+def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False):
+    """Reads DATA/train and DATA/val (or DATA/test, or a split of train). Returns classes, train and val samples.
+    Unusable files are skipped with a warning (an error with strict)."""
     data_root = Path(data_root)
     train_dir = data_root / "train"
     if not data_root.is_dir():
@@ -93,7 +132,7 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print):
     classes = find_classes(train_dir)
     if not classes:
         raise SystemExit(f"error: {train_dir} has no class folders; expected {train_dir}/<class>/<image>")
-    train = list_images(train_dir, classes)
+    train = scan_images(list_images(train_dir, classes), strict, log)
     empty = sorted(set(classes) - {classes[t] for _, t in train})
     if empty:
         raise SystemExit(f"error: class folder(s) with no images in {train_dir}: {', '.join(empty)} "
@@ -107,7 +146,7 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print):
     else:
         if val_dir.name == "test":
             log(f"data: no val/ folder in {data_root}: validating on {val_dir}")
-        val = check_val_classes(val_dir, classes, log)
+        val = scan_images(check_val_classes(val_dir, classes, log), strict, log)
     log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
     return classes, train, val
 
@@ -126,15 +165,15 @@ def check_val_classes(val_dir, classes, log=print):
     return list_images(val_dir, classes)
 
 
-def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print):
+def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=False):
     """Samples of one split, indexed by a trained model's `classes`. train and val follow the same
     rules as training (val/, else test/, else the same held-out part of train/)."""
     if split == "test":
         test_dir = Path(data_root) / "test"
         if not test_dir.is_dir():
             raise SystemExit(f"error: {data_root} has no test/ folder")
-        return check_val_classes(test_dir, classes, log)
-    data_classes, train, val = load_samples(data_root, val_fraction, seed, log)
+        return scan_images(check_val_classes(test_dir, classes, log), strict, log)
+    data_classes, train, val = load_samples(data_root, val_fraction, seed, log, strict)
     if data_classes != list(classes):
         raise SystemExit(f"error: the classes of {data_root}/train ({', '.join(data_classes)}) are not the "
                          f"checkpoint's ({', '.join(classes)}); evaluate on the data the model was trained for")
@@ -214,8 +253,8 @@ class ImageDataset(Dataset):
     Indexed by (index, epoch) from EpochSampler, the augmentation of each sample is seeded from
     (seed, epoch, index): the same whatever the number of workers or processes, and repeatable on resume."""
 
-    def __init__(self, samples, transform, seed=0):
-        self.samples, self.transform, self.seed = samples, transform, seed
+    def __init__(self, samples, transform, seed=0, strict=False):
+        self.samples, self.transform, self.seed, self.strict = samples, transform, seed, strict
 
     def __len__(self):
         return len(self.samples)
@@ -223,7 +262,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except UnreadableImage as e:  # passed the header scan, failed to decode (a truncated file, say)
+            if self.strict:
+                raise
+            print(f"warning: skipping {e}; using the next image instead", file=sys.stderr, flush=True)
+            return self[((index + 1) % len(self), epoch) if epoch is not None else (index + 1) % len(self)]
         if epoch is None:
             return self.transform(image), target
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched (matters with 0 workers)
@@ -236,8 +281,16 @@ class EpochSampler(DistributedSampler):
     process r of w takes every w-th index, so w processes with batch b see in each step the same
     images as 1 process with batch w*b."""
 
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        """skip: how many of this process's samples of the epoch to leave out (a mid-epoch resume)."""
+        super().set_epoch(epoch)
+        self.skip = skip
+
     def __iter__(self):
-        return ((index, self.epoch) for index in super().__iter__())
+        indices = list(super().__iter__())[self.skip:]
+        return ((index, self.epoch) for index in indices)
 
 
 def loader_kwargs(workers, device):

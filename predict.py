@@ -43,8 +43,16 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5):
     transform = data.eval_transform(preprocess)
     results = []
     for start in range(0, len(paths), batch_size):
-        batch_paths = paths[start:start + batch_size]
-        images = torch.stack([transform(data.load_image(p)) for p in batch_paths]).to(device)
+        batch_paths, images = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(transform(data.load_image(path)))
+                batch_paths.append(path)
+            except data.UnreadableImage as e:
+                utils.stderr(f"warning: skipping {e}")
+        if not images:
+            continue
+        images = torch.stack(images).to(device)
         logits = model(data.normalize(images, preprocess["mean"], preprocess["std"]))
         probs, indices = logits.float().softmax(1).topk(min(topk, logits.shape[1]), dim=1)
         for path, p, i in zip(batch_paths, probs.tolist(), indices.tolist()):
@@ -74,6 +82,8 @@ def main(argv=None):
     device = torch.device(args.device or utils.default_device())
     model = model_from_checkpoint(checkpoint).to(device)
     results = predict(model, paths, checkpoint["preprocess"], device, args.batch_size, args.topk)
+    if not results:
+        raise SystemExit("error: none of the inputs could be read as an image")
     if args.json:
         print(json.dumps([{"path": path, "predictions": [{"class": classes[i], "probability": round(p, 6)} for i, p in top]}
                           for path, top in results], indent=1))

@@ -14,7 +14,9 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime, timedelta
@@ -50,6 +52,7 @@ def get_args_parser():
     p.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability (default: 0)")
     p.add_argument("--mixup-alpha", type=float, default=0.0, help="MixUp alpha, 0 is off (default: 0)")
     p.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix alpha, 0 is off (default: 0)")
+    p.add_argument("--strict", action="store_true", help="stop on unusable image files instead of skipping them with a warning")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loading processes per training process (default: from the core count)")
     # model
     p.add_argument("--model", default=None, help="a name from --list-models (default: smallnet up to 64 px, else resnet18)")
@@ -80,6 +83,7 @@ def get_args_parser():
     p.add_argument("--deterministic", action="store_true", help="bitwise repeatable runs (slower kernels on GPU)")
     # output
     p.add_argument("--output-dir", default=None, help="where files go (default: runs/<data folder name>-<date>-<time>)")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N optimizer steps, for long epochs (default: 0, only at epoch ends)")
     p.add_argument("--resume", default=None, help="continue from this last.pt, with the arguments it was started with")
     return p
 
@@ -172,20 +176,23 @@ def make_mix(args, num_classes):
 # one epoch
 
 def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix, epoch, step, run):
-    """Trains one epoch from optimizer step `step`. Returns the step after it and the epoch's stats.
+    """Trains epoch `epoch` from optimizer step `step` (mid-epoch after a resume) to its end, or until a
+    stop is asked for. Returns the step reached and the stats of the steps it ran (None if stopped).
 
     Losses and hits are summed on the device and read only when the progress line is redrawn:
     the loop itself never waits for the device."""
     args, device, log = run["args"], run["device"], run["log"]
     model.train()
-    loader.sampler.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch)
     steps_per_epoch = len(loader) // args.accum_steps
+    done = step - epoch * steps_per_epoch  # steps of this epoch already taken before a resume
+    # the order is a function of (seed, epoch): skipping the batches already seen gives the remaining ones
+    loader.sampler.set_epoch(epoch, skip=done * args.accum_steps * args.batch_size)
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), dtype=torch.int64, device=device)
     seen, data_wait, start = 0, 0.0, time.perf_counter()
-    progress = Progress(epoch, args.epochs, steps_per_epoch, log)
+    progress = Progress(epoch, args.epochs, steps_per_epoch, done, log)
     batches = iter(loader)
-    for micro_step in range(steps_per_epoch * args.accum_steps):
+    for micro_step in range(done * args.accum_steps, steps_per_epoch * args.accum_steps):
         wait = time.perf_counter()
         images, targets = next(batches)
         data_wait += time.perf_counter() - wait
@@ -223,6 +230,14 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
             if ema_model is not None:
                 update_ema(ema_model, run["raw_model"], min(args.model_ema_decay, (1 + step) / (10 + step)))
             progress.update(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
+            if step == (epoch + 1) * steps_per_epoch:
+                break  # the epoch's end: evaluation and the epoch's checkpoint come next, in main()
+            stop = stop_requested(run, step)
+            if stop or (args.save_every_steps and step % args.save_every_steps == 0):
+                run["save_last"](epoch, step)
+            if stop:
+                progress.finish(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
+                return step, None
     progress.finish(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
     # totals over all processes: a sync point, once per epoch
     totals = utils.all_reduce_sum(torch.stack([loss_sum.double(), hits.double(), torch.tensor(seen, device=device, dtype=torch.float64)]))
@@ -232,18 +247,35 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
                   "seconds": seconds, "images_per_s": seen_total / seconds}
 
 
+def stop_requested(run, step):
+    """True once SIGTERM or Ctrl-C came. Processes must agree on the step they stop at: with several,
+    they compare every 10 steps (a sync point) rather than every step."""
+    if run["world_size"] == 1:
+        return run["stop"].is_set()
+    if step % 10:
+        return False
+    flag = torch.tensor(float(run["stop"].is_set()), device=run["device"])
+    return utils.all_reduce_sum(flag).item() > 0
+
+
+def exit_for_resume(where, output_dir, log):
+    log(f"stopped {where}; continue with: python train.py --resume {Path(output_dir or '.') / 'last.pt'}")
+    utils.cleanup_distributed()
+    sys.exit(128 + signal.SIGTERM)
+
+
 class Progress:
     """One live line per epoch, redrawn in place about once a second on a terminal (each redraw reads
     the loss from the device: a sync point); only its final state goes to the log."""
 
-    def __init__(self, epoch, epochs, steps, log):
-        self.head, self.steps, self.log = f"epoch {epoch + 1}/{epochs}", steps, log
+    def __init__(self, epoch, epochs, steps, first_step, log):
+        self.head, self.steps, self.first_step, self.log = f"epoch {epoch + 1}/{epochs}", steps, first_step, log
         self.live = sys.stdout.isatty()
         self.last_draw = time.perf_counter()
 
     def line(self, step, loss_sum, seen, lr, data_wait, start):
         elapsed = time.perf_counter() - start
-        eta = elapsed / max(step, 1) * (self.steps - step)
+        eta = elapsed / max(step - self.first_step, 1) * (self.steps - step)
         return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(seen, 1):.4f}  lr {lr:.4g}  "
                 f"{seen / elapsed:.0f} img/s  data wait {100 * data_wait / elapsed:.0f}%  eta {timedelta(seconds=round(eta))}")
 
@@ -281,6 +313,17 @@ def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_top1, m
     }
 
 
+def trim_results(path, epochs):
+    """Keeps the rows of the first `epochs` epochs: a resumed run rewrites what came after its checkpoint."""
+    if path.exists():
+        with open(path, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= epochs]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, RESULTS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def append_results(path, row):
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -294,6 +337,10 @@ def append_results(path, row):
 
 def main(argv=None):
     args = parse_args(argv)
+    # SIGTERM (a cluster preempting the job) and Ctrl-C: finish the current step, save, then stop
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     checkpoint = None
     if args.resume:
         args, checkpoint = resume_args(args)
@@ -334,7 +381,7 @@ def main(argv=None):
         if world_size > 1:
             torch.distributed.barrier()  # the other processes wait for the files
         args.data = SHAPES_DIR
-    classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log)
+    classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log, args.strict)
     if args.img_size is None:
         args.img_size = data.infer_img_size([path for path, _ in train_samples])
         log(f"data: image size {args.img_size} px, from the median short side of the training images (--img-size)")
@@ -345,8 +392,8 @@ def main(argv=None):
         args.train_crop = "padded" if args.img_size <= 64 else "resized"
     preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
     train_set = data.ImageDataset(train_samples, data.train_transform(
-        args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase), seed=args.seed)
-    val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess))
+        args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase), args.seed, args.strict)
+    val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess), strict=args.strict)
     train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank, world_size)
     val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
     log(f"batch: {args.batch_size} per process x {world_size} process(es) x {args.accum_steps} accumulation "
@@ -381,18 +428,32 @@ def main(argv=None):
             ema_model.load_state_dict(checkpoint["model_ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, step, best_top1 = checkpoint["epoch"], checkpoint["step"], checkpoint["best_top1"]
-        log(f"resumed at epoch {start_epoch}/{args.epochs}, best val top-1 so far {best_top1:.2f}%")
+        step, best_top1 = checkpoint["step"], checkpoint["best_top1"]
     steps_per_epoch = len(train_loader) // args.accum_steps
-    run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model, "classes": classes,
-           "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
-           "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch)}
+    start_epoch = step // steps_per_epoch  # a run stopped mid-epoch goes on inside that epoch
+    if checkpoint is not None:
+        log(f"resumed at epoch {start_epoch}/{args.epochs} step {step - start_epoch * steps_per_epoch}/"
+            f"{steps_per_epoch}, best val top-1 so far {best_top1:.2f}%")
+
+    def save_last(epochs_done, step, metrics=None, is_best=False):
+        if rank == 0:
+            ckpt = make_checkpoint(run, optimizer, scaler, ema_model, epochs_done, step, best_top1, metrics)
+            if is_best:  # best.pt before last.pt: last.pt never records a best that best.pt lacks
+                utils.save_checkpoint(ckpt, output_dir / "best.pt")
+            utils.save_checkpoint(ckpt, output_dir / "last.pt")
+
+    run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model,
+           "classes": classes, "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
+           "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "stop": stop, "save_last": save_last}
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+        trim_results(output_dir / "results.csv", start_epoch)
 
     # the loop
     for epoch in range(start_epoch, args.epochs):
         step, stats = train_one_epoch(model, ema_model, train_loader, optimizer, scaler, criterion, mix, epoch, step, run)
+        if stats is None:
+            exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}", output_dir, log)
         eval_model = ema_model if ema_model is not None else model
         metrics = evaluate(eval_model, val_loader, device, len(classes), preprocess, args.amp, args.channels_last)
         is_best = metrics["top1"] > best_top1  # strictly better: a tie never replaces the best
@@ -400,15 +461,14 @@ def main(argv=None):
         log(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f} top-1 {stats['train_top1']:.2f}%  "
             f"val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% top-{metrics['k']} {metrics['topk']:.2f}%  "
             f"{stats['seconds']:.1f}s  {stats['images_per_s']:.0f} img/s" + ("  * best" if is_best else ""))
-        if rank == 0:
-            ckpt = make_checkpoint(run, optimizer, scaler, ema_model, epoch + 1, step, best_top1, metrics)
-            if is_best:  # best.pt before last.pt: last.pt never records a best that best.pt lacks
-                utils.save_checkpoint(ckpt, output_dir / "best.pt")
-            utils.save_checkpoint(ckpt, output_dir / "last.pt")
+        if rank == 0:  # the row first: a resume from the previous last.pt trims it away again
             append_results(output_dir / "results.csv", {
                 "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
                 "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["topk"],
                 "seconds": stats["seconds"], "images_per_s": stats["images_per_s"]})
+        save_last(epoch + 1, step, metrics, is_best)
+        if epoch + 1 < args.epochs and stop_requested(run, 0):
+            exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)
     log(f"done: best val top-1 {best_top1:.2f}%; checkpoints, results.csv and train.log in {output_dir}")
     utils.cleanup_distributed()
 

@@ -48,3 +48,40 @@ def trained_run(image_folder, tmp_path_factory):
     result = run_script("train.py", "--data", image_folder, "--epochs", 2, "--model", "smallnet_tiny", "-b", 8,
                         "--workers", 0, "--output-dir", out)
     return out, result
+
+
+def png_header_only(width, height):
+    """The first bytes of a PNG that claims width x height pixels: enough for PIL to read its size."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_messy_files(folder):
+    """Files people really have in a dataset folder. Returns {name: is it unusable as an image}."""
+    from io import BytesIO
+    from PIL import Image
+    folder = Path(folder)
+    buffer = BytesIO()
+    data.draw_shape("circle", np.random.default_rng(1)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    buffer = BytesIO()
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(buffer, format="PNG")
+    files = {
+        "zero.jpg": (b"", True),
+        "text.jpg": (b"this is not a picture\n", True),
+        "corrupt.png": (b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, True),
+        "bomb.png": (png_header_only(30000, 30000), True),
+        "truncated.jpg": (jpeg[: len(jpeg) * 3 // 4], True),  # passes the header scan, fails to decode
+        "truncated.png": (buffer.getvalue()[:60], True),
+        "notes.txt": (b"ignored", False),
+        ".DS_Store": (b"\0\1", False),
+        "Thumbs.db": (b"\0\1", False),
+    }
+    for name, (content, _) in files.items():
+        (folder / name).write_bytes(content)
+    return {name: bad for name, (_, bad) in files.items()}

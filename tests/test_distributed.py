@@ -92,3 +92,18 @@ def test_sync_bn_on_cpu_is_a_clear_error(image_folder, tmp_path):
     result = torchrun("train.py", "--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny", "-b", 4,
                       "--workers", 0, "--sync-bn", "--output-dir", tmp_path / "x", check=False)
     assert result.returncode != 0 and "--sync-bn needs CUDA" in result.stdout + result.stderr
+
+
+def test_one_failing_process_ends_the_job(tmp_path):
+    """A truncated image with --strict crashes the process that decodes it; the other must not hang."""
+    import time
+    root = write_image_folder(tmp_path / "ds")
+    from conftest import write_messy_files
+    write_messy_files(root / "train" / "circle")
+    for name in ("zero.jpg", "text.jpg", "corrupt.png", "bomb.png"):  # keep only what the header scan lets through
+        (root / "train" / "circle" / name).unlink()
+    start = time.time()
+    result = torchrun("train.py", "--data", root, "--epochs", 3, "--model", "smallnet_tiny", "-b", 4, "--workers", 0,
+                      "--strict", "--output-dir", tmp_path / "run", check=False)
+    assert result.returncode != 0 and time.time() - start < 120
+    assert "truncated." in result.stdout + result.stderr

@@ -137,28 +137,60 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
 
 
-def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path):
-    args = ["--data", image_folder, "--epochs", 3, *TINY, "--seed", 7]
-    run_script("train.py", *args, "--output-dir", tmp_path / "full")
-    interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args), "--output-dir", str(interrupted)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+RESUME_ARGS = ["--epochs", 3, *TINY, "--seed", 7, "--model-ema", "--mixup-alpha", "0.4", "--auto-augment", "ta_wide"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run_script("train.py", "--data", image_folder, *RESUME_ARGS, "--output-dir", out)
+    return torch.load(out / "last.pt", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, uninterrupted, workers):
+    """SIGKILL once a last.pt exists (every 2 steps, so often mid-epoch), resume: bitwise the same as no kill."""
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(image_folder), *map(str, RESUME_ARGS),
+           "--workers", str(workers), "--save-every-steps", "2", "--output-dir", str(out)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (interrupted / "last.pt").exists() and process.poll() is None and time.time() < deadline:
+    while not (out / "last.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stopped_at = torch.load(interrupted / "last.pt", weights_only=True)["epoch"]
-    assert stopped_at < 3, "the run finished before it could be killed"
-    result = run_script("train.py", "--resume", interrupted / "last.pt")
-    assert f"resumed at epoch {stopped_at}/3" in result.stdout
-    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
-    resumed = torch.load(interrupted / "last.pt", weights_only=True)
-    assert resumed["epoch"] == 3
-    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
-    assert [r["epoch"] for r in read_results(interrupted)] == ["1", "2", "3"]
-    again = run_script("train.py", "--resume", interrupted / "last.pt")
+    stopped_at = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert stopped_at < uninterrupted["step"], "the run finished before it could be killed"
+    result = run_script("train.py", "--resume", out / "last.pt", "--workers", workers)
+    assert "resumed at epoch" in result.stdout
+    assert_same_weights(uninterrupted, torch.load(out / "last.pt", weights_only=True))
+    assert [r["epoch"] for r in read_results(out)] == ["1", "2", "3"]
+    again = run_script("train.py", "--resume", out / "last.pt")
     assert "finished run" in again.stdout
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_exactly(image_folder, tmp_path, uninterrupted):
+    out = tmp_path / "preempted"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(image_folder), *map(str, RESUME_ARGS), "--output-dir", str(out)]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("batch:"):  # about to start the first step
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output
+    assert "stopped at epoch 1 step 1/6" in output and "--resume" in output
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 1 and checkpoint["epoch"] == 0
+    result = run_script("train.py", "--resume", out / "last.pt")
+    assert "resumed at epoch 0/3 step 1/6" in result.stdout
+    assert_same_weights(uninterrupted, torch.load(out / "last.pt", weights_only=True))
 
 
 def test_default_run_generates_shapes(tmp_path):

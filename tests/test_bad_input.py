@@ -1,0 +1,95 @@
+"""Bad files, bad flags, bad checkpoints: a clear message naming the culprit, never a traceback wall."""
+import json
+import pickle
+
+import pytest
+import torch
+
+import data
+from conftest import run_script, write_image_folder, write_messy_files
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory):
+    root = write_image_folder(tmp_path_factory.mktemp("messy"))
+    write_messy_files(root / "train" / "circle")
+    write_messy_files(root / "val" / "square")
+    return root
+
+
+def test_header_scan_names_each_bad_file(messy_folder):
+    messages = []
+    classes, train, val = data.load_samples(messy_folder, log=messages.append)
+    names = {p.rsplit("/", 1)[-1] for p, _ in train + val}
+    assert {"zero.jpg", "text.jpg", "corrupt.png", "bomb.png"}.isdisjoint(names)
+    assert {"truncated.jpg", "truncated.png"} <= names  # only decoding finds them
+    warnings = [m for m in messages if m.startswith("warning")]
+    assert len(warnings) == 2 and all("skipping 4 unusable image file(s)" in w for w in warnings)
+    assert "bomb.png: too many pixels" in warnings[0] and "zero.jpg: empty file" in warnings[0]
+    with pytest.raises(SystemExit, match="--strict"):
+        data.load_samples(messy_folder, log=lambda *_: None, strict=True)
+
+
+def test_training_on_a_messy_folder_skips_and_finishes(messy_folder, tmp_path):
+    result = run_script("train.py", "--data", messy_folder, "--epochs", 1, "--model", "smallnet_tiny", "-b", 8,
+                        "--workers", 2, "--output-dir", tmp_path / "run")
+    assert "skipping 4 unusable image file(s)" in result.stdout
+    assert "truncated.jpg" in result.stderr and "using the next image instead" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "run" / "best.pt").exists()
+    strict = run_script("train.py", "--data", messy_folder, "--epochs", 1, "--strict", "--output-dir", tmp_path / "s",
+                        check=False)
+    assert strict.returncode != 0 and "text.jpg" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_predict_skips_unreadable_files(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    bad = write_messy_files(tmp_path)
+    write_image_folder(tmp_path / "good", n_train=1, splits=("train",))
+    result = run_script("predict.py", tmp_path, "--ckpt", run_dir / "best.pt", "--json")
+    predicted = {r["path"].rsplit("/", 1)[-1] for r in json.loads(result.stdout)}
+    assert predicted == {"000.png"}  # the three good images share this name; none of the bad ones
+    assert len(json.loads(result.stdout)) == 3
+    assert all(name in result.stderr for name, unusable in bad.items() if unusable)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda root: None, "does not exist"),
+    (lambda root: (root / "train").mkdir(parents=True), "has no class folders"),
+    (lambda root: root.mkdir(), "has no train/ folder"),
+    (lambda root: [(root / "train" / c).mkdir(parents=True) for c in ("a", "b")], "class folder(s) with no images in"),
+])
+def test_bad_dataset_folders(make, message, tmp_path):
+    root = tmp_path / "ds"
+    make(root)
+    result = run_script("train.py", "--data", root, check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_checkpoints_cannot_run_code(image_folder, tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "classes": ["a"], "payload": RunsCode()}, evil)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    image = next((image_folder / "val" / "circle").iterdir())
+    for ckpt, message in ((evil, "weights_only"), (tmp_path / "text.pt", "not a checkpoint"),
+                          (tmp_path / "other.pt", "not a checkpoint written by train.py")):
+        for script, args in (("predict.py", [image]), ("evaluate.py", ["--data", image_folder])):
+            result = run_script(script, *args, "--ckpt", ckpt, cwd=tmp_path, check=False)
+            assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "PWNED").exists()
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=True)
+
+
+def test_evaluate_refuses_data_of_other_classes(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    other = write_image_folder(tmp_path / "other", classes=("ring", "star", "cross"), n_train=2, n_val=1)
+    result = run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", other, check=False)
+    assert result.returncode != 0 and "not the checkpoint's" in result.stderr and "Traceback" not in result.stderr
