@@ -224,3 +224,12 @@ def test_bad_flags_are_argparse_errors(flags, message, image_folder):
 def test_list_models():
     result = run_script("train.py", "--list-models")
     assert "smallnet" in result.stdout.split() and "resnet50" in result.stdout.split()
+
+
+def test_compiled_model_saves_plain_weights(image_folder, tmp_path):
+    """--compile (inductor on the CPU: about a minute of compiling) trains and saves weights without `_orig_mod.`."""
+    run_script("train.py", "--data", image_folder, "--epochs", 1, *TINY, "--compile", "--output-dir", tmp_path / "run")
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in checkpoint["model"])
+    result = run_script("predict.py", image_folder / "val" / "circle" / "000.png", "--ckpt", tmp_path / "run" / "last.pt")
+    assert "000.png" in result.stdout
