@@ -37,6 +37,8 @@ from model import build_model, check_model_name, list_models
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "wd": 5e-4}, "adamw": {"lr": 1e-3, "wd": 0.05}}
 RESULTS_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds", "images_per_s"]
 SHAPES_DIR = "datasets/shapes"  # where `python train.py` without --data writes its demo dataset
+MAX_BAD_STEPS = 20  # consecutive steps with a non-finite loss after which a run has diverged: stop it
+CHECK_EVERY = 10  # steps between reads of the stop and divergence flags (a sync point; an all-reduce with DDP)
 
 
 def get_args_parser():
@@ -152,11 +154,37 @@ def make_optimizer(model, args, device):
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused kernels (one launch for all parameters) on CUDA, foreach (vectorised) elsewhere
+    # fused kernels (one launch for all parameters, and the GradScaler's skip decided on the device) on CUDA,
+    # foreach (vectorised) elsewhere
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, **fast)
-    return torch.optim.AdamW(groups, lr=args.lr, **fast)
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, **fast)
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, **fast)
+    # momentum buffers start at zero, which gives the same first step as torch's own start (buffer = gradient);
+    # fused SGD would otherwise leave them uninitialised when the first step is skipped
+    for p in decay + no_decay:
+        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
+
+
+def make_scaler(amp, device):
+    """fp16 needs a dynamic loss scale (its small gradients underflow). bf16 and fp32 do not, but the scaler also
+    skips every step whose gradients hold inf or NaN, so it runs for them too, at a scale of 1: multiplying by 1
+    changes nothing, and the scale only halves when a step is skipped."""
+    if amp == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
+
+
+def optimizer_step(model, optimizer, scaler, clip_grad_norm=None):
+    """Unscale, clip, step (skipped if a gradient is not finite), zero the gradients. With a fused optimizer the
+    skip is decided on the device; with a foreach one the scaler reads a flag: a sync point (free on the CPU)."""
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -189,6 +217,8 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
     loader.sampler.set_epoch(epoch, skip=done * args.accum_steps * args.batch_size)
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), dtype=torch.int64, device=device)
+    bad_steps = torch.zeros((), dtype=torch.int64, device=device)  # micro-steps with a non-finite loss
+    bad_run = torch.zeros((), dtype=torch.int64, device=device)  # the latest ones in a row
     seen, data_wait, start = 0, 0.0, time.perf_counter()
     progress = Progress(epoch, args.epochs, steps_per_epoch, done, log)
     batches = iter(loader)
@@ -216,23 +246,23 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
                 logits = model(images)
                 loss = criterion(logits.float(), targets)
             scaler.scale(loss / args.accum_steps).backward()
-        loss_sum += loss.detach() * len(labels)
+        # a non-finite loss is counted here, on the device; the scaler skips its step in optimizer_step
+        finite = torch.isfinite(loss.detach())
+        bad_steps += ~finite
+        bad_run = (bad_run + 1) * ~finite
+        loss_sum += torch.where(finite, loss.detach(), 0.0) * len(labels)
         hits += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
         if update:
-            if args.clip_grad_norm:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, scaler, args.clip_grad_norm)
             step += 1
             if ema_model is not None:
                 update_ema(ema_model, run["raw_model"], min(args.model_ema_decay, (1 + step) / (10 + step)))
             progress.update(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
-            if step == (epoch + 1) * steps_per_epoch:
+            end = step == (epoch + 1) * steps_per_epoch
+            stop = check_flags(run, step, bad_run, force=end)
+            if end:
                 break  # the epoch's end: evaluation and the epoch's checkpoint come next, in main()
-            stop = stop_requested(run, step)
             if stop or (args.save_every_steps and step % args.save_every_steps == 0):
                 run["save_last"](epoch, step)
             if stop:
@@ -240,22 +270,31 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
                 return step, None
     progress.finish(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
     # totals over all processes: a sync point, once per epoch
-    totals = utils.all_reduce_sum(torch.stack([loss_sum.double(), hits.double(), torch.tensor(seen, device=device, dtype=torch.float64)]))
-    loss_total, hits_total, seen_total = totals.tolist()
+    totals = utils.all_reduce_sum(torch.stack([loss_sum.double(), hits.double(), bad_steps.double(),
+                                               torch.tensor(seen, device=device, dtype=torch.float64)]))
+    loss_total, hits_total, bad_total, seen_total = totals.tolist()
+    if bad_total:
+        log(f"warning: {bad_total:.0f} step(s) of epoch {epoch + 1} had a non-finite loss and were skipped")
     seconds = time.perf_counter() - start
-    return step, {"lr": lr, "train_loss": loss_total / seen_total, "train_top1": 100 * hits_total / seen_total,
-                  "seconds": seconds, "images_per_s": seen_total / seconds}
+    return step, {"lr": lr, "train_loss": loss_total / max(seen_total - bad_total * args.batch_size, 1),
+                  "train_top1": 100 * hits_total / seen_total, "seconds": seconds, "images_per_s": seen_total / seconds}
 
 
-def stop_requested(run, step):
-    """True once SIGTERM or Ctrl-C came. Processes must agree on the step they stop at: with several,
-    they compare every 10 steps (a sync point) rather than every step."""
-    if run["world_size"] == 1:
-        return run["stop"].is_set()
-    if step % 10:
-        return False
-    flag = torch.tensor(float(run["stop"].is_set()), device=run["device"])
-    return utils.all_reduce_sum(flag).item() > 0
+def check_flags(run, step, bad_run, force=False):
+    """True once SIGTERM or Ctrl-C came; stops the run with an error once the loss has not been finite for
+    MAX_BAD_STEPS steps in a row. Reading the device is a sync point, and all processes must agree on the
+    step they stop at, so the flags are read (and all-reduced) only every CHECK_EVERY steps."""
+    if step % CHECK_EVERY and not force:
+        return run["world_size"] == 1 and run["stop"].is_set()
+    flags = torch.stack([torch.tensor(float(run["stop"].is_set()), device=run["device"]), bad_run.float()])
+    stop, bad = utils.all_reduce_max(flags).tolist()
+    if bad >= MAX_BAD_STEPS:
+        args = run["args"]
+        where = f"epoch {step // run['steps_per_epoch'] + 1} step {step % run['steps_per_epoch']}"
+        raise SystemExit(f"error: the loss was inf or NaN for the last {bad:.0f} steps (at {where}; each was skipped): "
+                         f"the run diverged and stops without saving, so last.pt keeps the last good epoch. Try a "
+                         f"lower --lr (now {args.lr:g}), --clip-grad-norm 1, or --amp off (now {args.amp})")
+    return stop > 0
 
 
 def exit_for_resume(where, output_dir, log):
@@ -413,7 +452,7 @@ def main(argv=None):
         ema_model.eval().requires_grad_(False)
     raw_model = model  # the module whose state_dict we save, whatever wraps it below
     optimizer = make_optimizer(raw_model, args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # only fp16 underflows
+    scaler = make_scaler(args.amp, device)
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -444,7 +483,8 @@ def main(argv=None):
 
     run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model,
            "classes": classes, "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
-           "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "stop": stop, "save_last": save_last}
+           "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "steps_per_epoch": steps_per_epoch,
+           "stop": stop, "save_last": save_last}
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         trim_results(output_dir / "results.csv", start_epoch)
@@ -467,7 +507,7 @@ def main(argv=None):
                 "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["topk"],
                 "seconds": stats["seconds"], "images_per_s": stats["images_per_s"]})
         save_last(epoch + 1, step, metrics, is_best)
-        if epoch + 1 < args.epochs and stop_requested(run, 0):
+        if epoch + 1 < args.epochs and check_flags(run, 0, torch.zeros((), device=device)):
             exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)
     log(f"done: best val top-1 {best_top1:.2f}%; checkpoints, results.csv and train.log in {output_dir}")
     utils.cleanup_distributed()

@@ -52,6 +52,13 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_max(tensor):
+    """Element-wise maximum over processes, in place (a no-op on one process). This is a sync point."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 # -----------------------------------------------------------------------------
 # seeding: every random draw of a run is a function of (seed, step, rank), so a resumed run
 # needs no saved RNG state to repeat the same draws
@@ -91,7 +98,10 @@ def save_checkpoint(checkpoint, path):
     """Atomic write: a kill during the save leaves the previous file at `path` intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(checkpoint, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it takes the name: a power cut cannot leave an empty last.pt
     os.replace(tmp, path)  # atomic on POSIX and Windows
 
 

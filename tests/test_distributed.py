@@ -1,9 +1,12 @@
 """torchrun on the CPU (gloo): the same files, the same optimisation path, exact evaluation, several nodes."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +29,15 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_processes_mentioning(text):
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass  # gone already
 
 
 def weights(path):
@@ -55,6 +67,29 @@ def test_two_processes_follow_the_path_of_one(image_folder, tmp_path):
         assert (one[key] - two[key]).norm() <= 1e-5 * one[key].norm(), key
     start = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["step"]
     assert start == 6  # 48 images / 8 per step: the comparison covers real steps
+
+
+def test_killed_torchrun_job_resumes_to_the_same_weights(image_folder, tmp_path):
+    """SIGKILL the whole torchrun job once a last.pt exists, resume it under torchrun: bitwise the same weights."""
+    common = ["--data", image_folder, "--epochs", 2, "--model", "smallnet_tiny", "-b", 4, "--workers", 0,
+              "--model-ema", "--seed", 3]
+    torchrun("train.py", *common, "--output-dir", tmp_path / "full")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "train.py"),
+           *map(str, common), "--save-every-steps", "2", "--output-dir", str(out)]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    kill_processes_mentioning(str(out))  # the agent and both training processes (in sessions of their own)
+    job.wait()
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] < full["step"], "finished before the kill"
+    result = torchrun("train.py", "--resume", out / "last.pt")
+    assert "resumed at epoch" in result.stdout
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
 
 
 def test_odd_validation_set_is_counted_exactly_once(trained_run, tmp_path):
@@ -96,7 +131,6 @@ def test_sync_bn_on_cpu_is_a_clear_error(image_folder, tmp_path):
 
 def test_one_failing_process_ends_the_job(tmp_path):
     """A truncated image with --strict crashes the process that decodes it; the other must not hang."""
-    import time
     root = write_image_folder(tmp_path / "ds")
     from conftest import write_messy_files
     write_messy_files(root / "train" / "circle")

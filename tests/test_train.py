@@ -3,11 +3,13 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +235,65 @@ def test_compiled_model_saves_plain_weights(image_folder, tmp_path):
     assert not any("_orig_mod" in k for k in checkpoint["model"])
     result = run_script("predict.py", image_folder / "val" / "circle" / "000.png", "--ckpt", tmp_path / "run" / "last.pt")
     assert "000.png" in result.stdout
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_step_with_non_finite_gradients_is_skipped(opt, amp):
+    """The scaler skips the update (weights and optimizer state untouched), also with bf16 and fp32."""
+    import argparse
+    model = torch.nn.Linear(3, 2)
+    args = argparse.Namespace(opt=opt, lr=0.1, momentum=0.9, wd=0.01)
+    optimizer, scaler = train.make_optimizer(model, args, torch.device("cpu")), train.make_scaler(amp, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scaler.scale(model(torch.tensor([[1.0, float("nan"), 0.0]])).sum()).backward()
+    train.optimizer_step(model, optimizer, scaler, clip_grad_norm=1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.isfinite(t).all() for s in optimizer.state.values() for t in s.values())
+    scaler.scale(model(torch.ones(1, 3)).sum()).backward()  # a good step after it updates as usual
+    train.optimizer_step(model, optimizer, scaler)
+    assert not torch.equal(before["weight"], model.weight) and torch.isfinite(model.weight).all()
+
+
+def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(trained_run, image_folder, tmp_path):
+    """A start from weights holding NaN: every loss is NaN, every step is skipped; after 20 in a row the run stops
+    with an error, and the last.pt already in the output folder is left as it was."""
+    run_dir, _ = trained_run
+    nan_weights = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    first = next(k for k in nan_weights if k.endswith("weight"))
+    nan_weights[first][0] = float("nan")
+    torch.save(nan_weights, tmp_path / "nan.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(run_dir / "last.pt", out / "last.pt")
+    good = (out / "last.pt").read_bytes()
+    result = run_script("train.py", "--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny", "-b", 2,
+                        "--workers", 0, "--weights", tmp_path / "nan.pt", "--output-dir", out, check=False)
+    assert result.returncode == 1
+    assert "the loss was inf or NaN for the last 20 steps (at epoch 1 step 20" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "last.pt").read_bytes() == good and not (out / "best.pt").exists()
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL a process at random moments while it rewrites a checkpoint over and over: the file is always
+    a complete checkpoint, never half of one."""
+    path = tmp_path / "last.pt"
+    writer = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); import utils\n"
+              "i = 0\n"
+              "while True:\n"
+              f"    utils.save_checkpoint({{'step': i, 'classes': [], 'model': {{'w': torch.full((2_000_000,), float(i))}}}}, {str(path)!r})\n"
+              "    i += 1\n")
+    rng = np.random.default_rng(0)
+    for attempt in range(6):
+        process = subprocess.Popen([sys.executable, "-c", writer])
+        while not path.exists():
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.6))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        checkpoint = utils.load_checkpoint(path)  # SystemExit if it were unreadable
+        assert checkpoint["model"]["w"].eq(checkpoint["step"]).all()
+        assert checkpoint["step"] >= 0
+        path.unlink()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".pt"]  # leftovers are temp files, never *.pt
