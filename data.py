@@ -4,8 +4,13 @@
     DATA/val/<class>/*.jpg       validation images (or DATA/test/, or a split carved from train)
 
 Images leave the loader as uint8 tensors (4x less to copy between processes than float32);
-`normalize` turns a batch into float on the training device.
+`make_normalize` turns a batch into float on the training device.
+Small datasets can instead be decoded once into a memory-mapped uint8 array and augmented in whole batches
+on the device (`--cache`, the second half of this file).
 """
+import hashlib
+import json
+import math
 import os
 import shutil
 import statistics
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
@@ -236,12 +242,15 @@ def eval_preprocess(img_size, crop_pct=None):
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
-def normalize(images, mean, std, channels_last=False):
-    """uint8 NCHW batch on the device -> normalised float32."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    images = (images.float() - mean) / std
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+def make_normalize(preprocess, device, channels_last=False):
+    """A function: a uint8 (or 0..255 float) NCHW batch on `device` -> normalised float32."""
+    mean = torch.tensor(preprocess["mean"], device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(preprocess["std"], device=device).view(1, -1, 1, 1) * 255
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def normalize(images):
+        return ((images.float() - mean) / std).contiguous(memory_format=memory_format)
+    return normalize
 
 
 # -----------------------------------------------------------------------------
@@ -299,11 +308,16 @@ def loader_kwargs(workers, device):
                 prefetch_factor=4 if workers > 0 else None)
 
 
-def make_train_loader(dataset, batch_size, workers, device, seed=0, rank=0, world_size=1):
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+def make_epoch_sampler(n, batch_size, seed=0, rank=0, world_size=1):
+    sampler = EpochSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     if len(sampler) < batch_size:
-        raise SystemExit(f"error: {len(dataset)} training images give {len(sampler)} per process, "
+        raise SystemExit(f"error: {n} training images give {len(sampler)} per process, "
                          f"fewer than one batch (-b {batch_size}): lower --batch-size")
+    return sampler
+
+
+def make_train_loader(dataset, batch_size, workers, device, seed=0, rank=0, world_size=1):
+    sampler = make_epoch_sampler(len(dataset), batch_size, seed, rank, world_size)
     # drop_last keeps every step the same size: no tiny last batch with noisy BatchNorm statistics
     return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, **loader_kwargs(workers, device))
 
@@ -312,6 +326,150 @@ def make_eval_loader(dataset, batch_size, workers, device, rank=0, world_size=1)
     """Process r evaluates images r, r+w, r+2w...: every image exactly once, no padding duplicates."""
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     return DataLoader(shard, batch_size, shuffle=False, **loader_kwargs(workers, device))
+
+
+# -----------------------------------------------------------------------------
+# decode once (--cache): every image decoded a single time into a uint8 array in a memory-mapped .npy
+# file, reused by later runs while the files are unchanged and shared (through the page cache) by every
+# process on the machine. Batches are gathered from it and augmented on the training device as whole-batch
+# tensor operations: no per-image PIL work, no loader processes competing with the model for cores.
+
+CACHE_VERSION = 1  # bump when the way images are stored changes
+
+
+def cache_key(samples, how):
+    """Changes when a file, its class, or the way it is stored changes (size and mtime stand for content)."""
+    digest = hashlib.sha1(f"{CACHE_VERSION} {how}".encode())
+    for path, target in samples:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class SquareImages(Dataset):
+    """Decodes for the cache: short side resized to `resize`, center square of `side` px, HWC uint8 plus the
+    reason an image could not be decoded ("" if it could)."""
+
+    def __init__(self, samples, resize, side):
+        self.samples, self.side = samples, side
+        self.transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(side)])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        try:
+            image = self.transform(load_image(self.samples[index][0]))
+        except UnreadableImage as e:
+            return torch.zeros(self.side, self.side, 3, dtype=torch.uint8), str(e)
+        return torch.from_numpy(np.asarray(image).copy()), ""
+
+
+def build_cache(samples, resize, side, folder, workers=0, log=print, strict=False):
+    """Returns (array, usable rows): the memory-mapped uint8 array [N, side, side, 3] of `samples`, decoded by
+    `workers` processes the first time and read from folder/<side>px-<key>.npy afterwards."""
+    path = Path(folder) / f"{side}px-{cache_key(samples, (resize, side))}.npy"
+    bad_path = path.with_suffix(".bad.json")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), side, side, 3))
+        loader = DataLoader(SquareImages(samples, resize, side), batch_size=256, num_workers=workers)
+        bad, start = [], 0
+        for images, errors in loader:
+            array[start:start + len(images)] = images.numpy()
+            bad += [(start + i, e) for i, e in enumerate(errors) if e]
+            start += len(images)
+        array.flush()
+        del array
+        bad_path.write_text(json.dumps(bad))
+        os.replace(tmp, path)  # complete or absent: a killed build is redone, never half used
+    bad = json.loads(bad_path.read_text())
+    if bad:
+        listing = "\n".join(f"  {why}" for _, why in bad)
+        if strict:
+            raise SystemExit(f"error: {len(bad)} image file(s) could not be decoded (--strict stops on them):\n{listing}")
+        log(f"warning: skipping {len(bad)} image file(s) that could not be decoded:\n{listing}")
+    usable = np.setdiff1d(np.arange(len(samples)), [i for i, _ in bad])
+    return np.load(path, mmap_mode="r"), usable
+
+
+def hash_uniforms(seed, epoch, indices, count):
+    """`count` uniform numbers in [0, 1) per sample index, a function of (seed, epoch, index) only (splitmix64
+    hashing, vectorised): a sample's augmentation does not depend on the batch or process it lands in."""
+    x = np.asarray(indices, dtype=np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)
+    x = x + np.uint64(seed_from(seed, epoch))  # uint64 arrays wrap around silently: that is the point
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+    x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(40)).astype(np.float32) / 2.0**24)  # 24 bits: exact in float32, < 1
+
+
+def reflect(positions, size):
+    """Mirrors positions that fall outside 0..size-1 back inside, like reflect padding."""
+    positions = positions.abs()
+    return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
+
+
+def translate_flip(images, uniforms, pad):
+    """The padded-crop recipe on a batch: shift each image by up to `pad` px in each direction (reflecting
+    at the borders) and flip half of them. images: [N, H, W, C] uint8 -> [N, C, H, W] (a channels_last view)."""
+    n, h, w, _ = images.shape
+    device = images.device
+    uniforms = uniforms.to(device)
+    shift = (uniforms[:, :2] * (2 * pad + 1)).floor().long() - pad
+    rows = reflect(torch.arange(h, device=device) + shift[:, :1], h)
+    cols = torch.arange(w, device=device).expand(n, w)
+    cols = torch.where(uniforms[:, 2:3] < 0.5, w - 1 - cols, cols)
+    cols = reflect(cols + shift[:, 1:2], w)
+    batch = torch.arange(n, device=device)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def resized_crop_flip(images, uniforms, size, min_scale):
+    """RandomResizedCrop (area share min_scale..1, aspect 3/4..4/3) and a horizontal flip on a batch, as one
+    bilinear grid_sample. images: [N, S, S, C] uint8 -> [N, C, size, size] float in 0..255."""
+    uniforms = uniforms.to(images.device)
+    area = min_scale + (1 - min_scale) * uniforms[:, 0]
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * uniforms[:, 1])
+    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # shares of the side
+    flip = torch.where(uniforms[:, 4] < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(width)
+    theta = torch.stack([torch.stack([width * flip, zero, (2 * uniforms[:, 2] - 1) * (1 - width)], 1),
+                         torch.stack([zero, height, (2 * uniforms[:, 3] - 1) * (1 - height)], 1)], 1)
+    grid = F.affine_grid(theta, [len(images), 3, size, size], align_corners=False)
+    return F.grid_sample(images.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+
+
+class CachedLoader:
+    """Batches from a cached array: rows gathered on the host (a memory copy), moved to the device, augmented
+    there. Yields (images [N, C, H, W] on the device, targets) like a DataLoader, and has the same
+    `sampler` and `len()`. augment: None, or a function (images, uniforms) -> images."""
+
+    def __init__(self, array, rows, targets, sampler, batch_size, device, augment=None, seed=0, drop_last=False):
+        self.array, self.rows, self.targets = array, np.asarray(rows), torch.as_tensor(targets)
+        self.sampler, self.batch_size, self.device = sampler, batch_size, device
+        self.augment, self.seed, self.drop_last = augment, seed, drop_last
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = keys[start:start + self.batch_size]
+            indices = np.array([k[0] if isinstance(k, tuple) else k for k in batch])
+            images = torch.from_numpy(self.array[self.rows[indices]])
+            if self.device.type == "cuda":
+                images = images.pin_memory()  # so that the copy below runs alongside the GPU's work
+            images = images.to(self.device, non_blocking=True)
+            if self.augment is None:
+                images = images.permute(0, 3, 1, 2)
+            else:
+                images = self.augment(images, hash_uniforms(self.seed, batch[0][1], indices, 5))
+            yield images, self.targets[indices].to(self.device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt runs/exp/best.pt --data DATA              # DATA/val (same rules as training)
     python evaluate.py --ckpt runs/exp/best.pt --data DATA --split test --json metrics.json
+    python evaluate.py --ckpt runs/exp/best.pt --data DATA --tta       # test-time augmentation: flips and shifts
     torchrun --nproc_per_node 2 evaluate.py --ckpt runs/exp/best.pt --data DATA
 
 `evaluate()` is also what train.py calls after every epoch. Each process evaluates its own shard
@@ -28,20 +29,35 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
+def tta_logits(model, images):
+    """Test-time augmentation: the mean of the logits of the image and its mirror image, and for small images
+    (64 px or less, where a pixel matters) of both shifted by 1/32 of the size diagonally each way."""
+    views = [images, images.flip(3)]
+    size = images.shape[-1]
+    if size <= 64:
+        pad = max(1, size // 32)
+        padded = F.pad(images, (pad,) * 4, mode="reflect")
+        for offset in (0, 2 * pad):  # up-left and down-right
+            shifted = padded[..., offset:offset + size, offset:offset + size]
+            views += [shifted, shifted.flip(3)]
+    return torch.stack([model(view).float() for view in views]).mean(0)
+
+
 @torch.inference_mode()
-def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5):
-    """Sums over the whole (sharded) loader, reduced over processes. Returns plain numbers."""
+def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5, tta=False):
+    """Sums over the whole (sharded) loader, reduced over processes. Returns plain numbers.
+    tta: average the logits over flipped and shifted views (tta_logits)."""
     model.eval()
     ks = sorted({1, min(topk, num_classes)})  # top-5 of a 2-class problem is meaningless (and would crash)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
+    normalize = data.make_normalize(preprocess, device, channels_last)
     for images, targets in loader:
-        images = data.normalize(images.to(device, non_blocking=True), preprocess["mean"], preprocess["std"],
-                                channels_last)
+        images = normalize(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(images).float()
+            logits = tta_logits(model, images) if tta else model(images).float()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum")
         correct += utils.topk_correct(logits, targets, ks)
         confusion.index_put_((targets, logits.argmax(1)), torch.ones_like(targets), accumulate=True)
@@ -94,6 +110,7 @@ def get_args_parser():
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="mixed precision (default: the training run's)")
     parser.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, capped at the number of classes (default: 5)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (and 1/32-size shifts up to 64 px)")
     parser.add_argument("--json", default=None, help="also write all metrics to this JSON file")
     parser.add_argument("--csv", default=None, help="also write per-class accuracy and the confusion matrix to this CSV file")
     return parser
@@ -118,9 +135,9 @@ def main(argv=None):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     metrics = evaluate(model, loader, device, len(classes), preprocess, args.amp or train_args["amp"],
-                       channels_last, args.topk)
+                       channels_last, args.topk, args.tta)
 
-    log(f"{args.ckpt} on {args.data} ({args.split}):")
+    log(f"{args.ckpt} on {args.data} ({args.split}{', with test-time augmentation' if args.tta else ''}):")
     log(format_report(metrics, classes))
     if rank == 0 and args.json:
         with open(args.json, "w") as f:

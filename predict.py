@@ -41,6 +41,7 @@ def expand_inputs(inputs):
 def predict(model, paths, preprocess, device, batch_size=32, topk=5):
     """[(path, [(class index, probability)] best first)] for every image."""
     transform = data.eval_transform(preprocess)
+    normalize = data.make_normalize(preprocess, device)
     results = []
     for start in range(0, len(paths), batch_size):
         batch_paths, images = [], []
@@ -53,7 +54,7 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5):
         if not images:
             continue
         images = torch.stack(images).to(device)
-        logits = model(data.normalize(images, preprocess["mean"], preprocess["std"]))
+        logits = model(normalize(images))
         probs, indices = logits.float().softmax(1).topk(min(topk, logits.shape[1]), dim=1)
         for path, p, i in zip(batch_paths, probs.tolist(), indices.tolist()):
             results.append((path, list(zip(i, p))))

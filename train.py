@@ -20,6 +20,7 @@ import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ def get_args_parser():
     p.add_argument("--mixup-alpha", type=float, default=0.0, help="MixUp alpha, 0 is off (default: 0)")
     p.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix alpha, 0 is off (default: 0)")
     p.add_argument("--strict", action="store_true", help="stop on unusable image files instead of skipping them with a warning")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="decode every image once into a memory-mapped uint8 file (DATA/.cache), crop and flip whole batches on the device (default: on when the decoded images fit in a quarter of the memory and no per-image augmentation is asked)")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loading processes per training process (default: from the core count)")
     # model
     p.add_argument("--model", default=None, help="a name from --list-models (default: smallnet up to 64 px, else resnet18)")
@@ -73,6 +75,7 @@ def get_args_parser():
     p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the end of the cosine decay (default: 0)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: off)")
+    p.add_argument("--tta", action="store_true", help="evaluate every epoch with test-time augmentation (flips, and shifts up to 64 px), so best.pt is chosen by it; costs 2-6x the evaluation time")
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; it is evaluated, selected and saved for use")
     p.add_argument("--model-ema-decay", type=float, default=0.999, help="EMA decay per optimizer step (default: 0.999)")
     # speed and numerics
@@ -118,7 +121,7 @@ def parse_args(argv=None):
 def resume_args(args):
     """A resumed run takes its arguments from the checkpoint; only how it runs may change."""
     checkpoint = utils.load_checkpoint(args.resume)
-    saved = dict(checkpoint["args"])
+    saved = {**vars(get_args_parser().parse_args([])), **checkpoint["args"]}  # flags newer than the run: defaults
     saved.update(resume=args.resume, workers=args.workers, device=args.device,
                  output_dir=str(Path(args.resume).parent))
     return argparse.Namespace(**saved), checkpoint
@@ -136,6 +139,91 @@ def new_output_dir(data_name):
     while path.exists():
         path, n = Path(f"{base}-{n}"), n + 1
     return path
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def load_data(args, rank, local_rank, world_size, device, output_dir, log):
+    """Classes, eval preprocessing and the train and val loaders; fills in the defaults that depend on the images."""
+    if args.data is None:
+        if local_rank == 0:
+            log(f"data: no --data given: training on generated shapes in {SHAPES_DIR} (written once)")
+            data.make_shapes_dataset(SHAPES_DIR)
+        if world_size > 1:
+            torch.distributed.barrier()  # the other processes wait for the files
+        args.data = SHAPES_DIR
+    classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log, args.strict)
+    if args.img_size is None:
+        args.img_size = data.infer_img_size([path for path, _ in train_samples])
+        log(f"data: image size {args.img_size} px, from the median short side of the training images (--img-size)")
+    if args.model is None:
+        args.model = "smallnet" if args.img_size <= 64 else "resnet18"
+        log(f"model: {args.model}, the default for {args.img_size} px images (--model)")
+    if args.train_crop is None:
+        args.train_crop = "padded" if args.img_size <= 64 else "resized"
+    preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
+    if decide_cache(args, len(train_samples) + len(val_samples), preprocess["resize_size"], log):
+        train_loader, val_loader = cached_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
+                                                  world_size, device, output_dir, log)
+    else:
+        train_set = data.ImageDataset(train_samples, data.train_transform(
+            args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase), args.seed, args.strict)
+        val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess), strict=args.strict)
+        train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank, world_size)
+        val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
+    log(f"batch: {args.batch_size} per process x {world_size} process(es) x {args.accum_steps} accumulation "
+        f"step(s) = {args.batch_size * world_size * args.accum_steps} images per update; "
+        f"{0 if args.cache else args.workers} loader worker(s) per process; device {device}")
+    return classes, preprocess, train_loader, val_loader
+
+
+def decide_cache(args, n_images, side, log):
+    """--cache on or off as asked; by default on when the decoded images are small and only crops and flips are
+    asked for (what the batched device augmentation does)."""
+    per_image_augmentation = args.auto_augment or args.random_erase > 0
+    if args.cache and per_image_augmentation:
+        raise SystemExit("error: --cache augments whole batches (crop and flip only); --auto-augment and "
+                         "--random-erase need the per-image path: drop --cache, or drop them")
+    size_gib = n_images * side * side * 3 / 2**30
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if args.cache is None:
+        args.cache = not per_image_augmentation and size_gib <= memory_gib / 4
+        log(f"data: --cache {'on' if args.cache else 'off'}: the decoded images take {size_gib:.2f} GiB; the cache is "
+            f"on by default when that is at most a quarter of the memory ({memory_gib / 4:.1f} GiB) and neither "
+            "--auto-augment nor --random-erase is asked (--cache / --no-cache)")
+    return args.cache
+
+
+def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_rank, world_size, device, output_dir, log):
+    """Decodes the images once into memory-mapped files (local rank 0 decodes, the other processes wait and
+    share its files), then batches from them, augmented on the device."""
+    folder = Path(args.data) / ".cache"
+    if not os.access(Path(args.data), os.W_OK):
+        folder = Path(output_dir or ".") / "cache"
+    padded = args.train_crop == "padded"
+    side = args.img_size if padded else preprocess["resize_size"]  # resized crops zoom into a margin
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if local_rank != 0:
+        torch.distributed.barrier()
+    train_array, train_rows = data.build_cache(train_samples, side, side, folder, workers, log, args.strict)
+    val_array, val_rows = data.build_cache(val_samples, preprocess["resize_size"], args.img_size, folder, workers,
+                                           log, args.strict)
+    if local_rank == 0 and world_size > 1:
+        torch.distributed.barrier()
+    log(f"data: decoded images cached in {folder} ({train_array.nbytes / 2**20:.0f} + {val_array.nbytes / 2**20:.0f}"
+        f" MiB, reused while the files are unchanged); augmented in batches on {device}")
+    if padded:
+        augment = partial(data.translate_flip, pad=args.img_size // 8)
+    else:
+        augment = partial(data.resized_crop_flip, size=args.img_size, min_scale=args.min_scale)
+    train_targets = [target for _, target in train_samples]
+    sampler = data.make_epoch_sampler(len(train_rows), args.batch_size, args.seed, rank, world_size)
+    train_loader = data.CachedLoader(train_array, train_rows, train_targets, sampler, args.batch_size, device,
+                                     augment, args.seed, drop_last=True)
+    val_loader = data.CachedLoader(val_array, val_rows, [target for _, target in val_samples],
+                                   range(rank, len(val_rows), world_size), args.batch_size, device)
+    return train_loader, val_loader
 
 
 # -----------------------------------------------------------------------------
@@ -228,8 +316,7 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
         data_wait += time.perf_counter() - wait
         # every random draw of this step (dropout, MixUp) is a function of (seed, epoch, step, rank)
         torch.manual_seed(utils.seed_from(args.seed, epoch, micro_step, run["rank"]))
-        images = data.normalize(images.to(device, non_blocking=True), run["preprocess"]["mean"],
-                                run["preprocess"]["std"], args.channels_last)
+        images = run["normalize"](images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         labels = targets
         if mix is not None:
@@ -413,31 +500,7 @@ def main(argv=None):
         return
 
     # data
-    if args.data is None:
-        if local_rank == 0:
-            log(f"data: no --data given: training on generated shapes in {SHAPES_DIR} (written once)")
-            data.make_shapes_dataset(SHAPES_DIR)
-        if world_size > 1:
-            torch.distributed.barrier()  # the other processes wait for the files
-        args.data = SHAPES_DIR
-    classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log, args.strict)
-    if args.img_size is None:
-        args.img_size = data.infer_img_size([path for path, _ in train_samples])
-        log(f"data: image size {args.img_size} px, from the median short side of the training images (--img-size)")
-    if args.model is None:
-        args.model = "smallnet" if args.img_size <= 64 else "resnet18"
-        log(f"model: {args.model}, the default for {args.img_size} px images (--model)")
-    if args.train_crop is None:
-        args.train_crop = "padded" if args.img_size <= 64 else "resized"
-    preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
-    train_set = data.ImageDataset(train_samples, data.train_transform(
-        args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase), args.seed, args.strict)
-    val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess), strict=args.strict)
-    train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank, world_size)
-    val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
-    log(f"batch: {args.batch_size} per process x {world_size} process(es) x {args.accum_steps} accumulation "
-        f"step(s) = {args.batch_size * world_size * args.accum_steps} images per update; {args.workers} loader "
-        f"worker(s) per process; device {device}")
+    classes, preprocess, train_loader, val_loader = load_data(args, rank, local_rank, world_size, device, output_dir, log)
 
     # model
     utils.seed_everything(args.seed)  # the same initial weights in every process
@@ -484,7 +547,7 @@ def main(argv=None):
     run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model,
            "classes": classes, "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
            "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "steps_per_epoch": steps_per_epoch,
-           "stop": stop, "save_last": save_last}
+           "normalize": data.make_normalize(preprocess, device, args.channels_last), "stop": stop, "save_last": save_last}
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         trim_results(output_dir / "results.csv", start_epoch)
@@ -495,7 +558,8 @@ def main(argv=None):
         if stats is None:
             exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}", output_dir, log)
         eval_model = ema_model if ema_model is not None else model
-        metrics = evaluate(eval_model, val_loader, device, len(classes), preprocess, args.amp, args.channels_last)
+        metrics = evaluate(eval_model, val_loader, device, len(classes), preprocess, args.amp, args.channels_last,
+                           tta=args.tta)
         is_best = metrics["top1"] > best_top1  # strictly better: a tie never replaces the best
         best_top1 = max(best_top1, metrics["top1"])
         log(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f} top-1 {stats['train_top1']:.2f}%  "

@@ -30,11 +30,16 @@ def test_header_scan_names_each_bad_file(messy_folder):
         data.load_samples(messy_folder, log=lambda *_: None, strict=True)
 
 
-def test_training_on_a_messy_folder_skips_and_finishes(messy_folder, tmp_path):
+@pytest.mark.parametrize("cache", ["--no-cache", "--cache"])
+def test_training_on_a_messy_folder_skips_and_finishes(messy_folder, tmp_path, cache):
     result = run_script("train.py", "--data", messy_folder, "--epochs", 1, "--model", "smallnet_tiny", "-b", 8,
-                        "--workers", 2, "--output-dir", tmp_path / "run")
+                        "--workers", 2, cache, "--output-dir", tmp_path / "run")
     assert "skipping 4 unusable image file(s)" in result.stdout
-    assert "truncated.jpg" in result.stderr and "using the next image instead" in result.stderr
+    if cache == "--no-cache":  # found by a loader process, which takes the next image
+        assert "truncated.jpg" in result.stderr and "using the next image instead" in result.stderr
+    else:  # found while decoding into the cache, and left out
+        assert result.stdout.count("skipping 2 image file(s) that could not be decoded") == 2
+        assert "truncated.jpg" in result.stdout and "truncated.png" in result.stdout
     assert "Traceback" not in result.stderr
     assert (tmp_path / "run" / "best.pt").exists()
     strict = run_script("train.py", "--data", messy_folder, "--epochs", 1, "--strict", "--output-dir", tmp_path / "s",

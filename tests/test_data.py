@@ -1,4 +1,6 @@
 """data.py: folder layouts, decoding of every image kind, transforms, sampling."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -136,7 +138,7 @@ def test_transforms_give_uint8_crops(image_folder):
     out = data.eval_transform(preprocess)(image)
     assert out.shape == (3, 32, 32) and preprocess["resize_size"] == 32
     assert data.eval_preprocess(224)["resize_size"] == 256
-    x = data.normalize(out[None], preprocess["mean"], preprocess["std"])
+    x = data.make_normalize(preprocess, torch.device("cpu"))(out[None])
     assert x.dtype == torch.float32 and abs(x.mean().item()) < 3
 
 
@@ -183,3 +185,86 @@ def test_shapes_dataset_is_written_once(tmp_path):
     data.make_shapes_dataset(tmp_path / "shapes", train_per_class=3, val_per_class=2)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert not list(tmp_path.glob(".shapes*"))
+
+
+# -----------------------------------------------------------------------------
+# the decode-once cache
+
+def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path):
+    root = write_image_folder(tmp_path / "ds", n_train=4, splits=("train",))
+    samples = data.list_images(root / "train", data.find_classes(root / "train"))
+    array, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
+    assert array.shape == (len(samples), 32, 32, 3) and array.dtype == np.uint8 and list(rows) == list(range(len(samples)))
+    expected = data.SquareImages(samples, 32, 32)[3][0].numpy()
+    assert np.array_equal(array[3], expected)  # the same pixels as decoding the file now
+    files = sorted((tmp_path / "cache").glob("*.npy"))
+    mtime = files[0].stat().st_mtime_ns
+    data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
+    assert sorted((tmp_path / "cache").glob("*.npy")) == files and files[0].stat().st_mtime_ns == mtime  # reused
+    assert samples[0][0].endswith(".png")
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(samples[0][0])  # the file changes: a new cache
+    array, _ = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and (array[0] == [255, 0, 0]).all()
+
+
+def test_cache_leaves_out_files_that_do_not_decode(tmp_path):
+    from conftest import write_messy_files
+    root = write_image_folder(tmp_path / "ds", n_train=4, splits=("train",))
+    write_messy_files(root / "train" / "circle")
+    messages = []
+    samples = data.scan_images(data.list_images(root / "train", data.find_classes(root / "train")), log=messages.append)
+    array, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=messages.append)
+    left_out = {samples[i][0].rsplit("/", 1)[-1] for i in set(range(len(samples))) - set(rows)}
+    assert left_out == {"truncated.jpg", "truncated.png"} and "skipping 2 image file(s)" in messages[-1]
+    with pytest.raises(SystemExit, match="truncated.jpg"):
+        data.build_cache(samples, 32, 32, tmp_path / "cache", strict=True)
+
+
+def test_batch_translation_matches_reflect_padding_and_cropping():
+    images = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8)
+    uniforms = data.hash_uniforms(0, 0, np.arange(16), 5)
+    out = data.translate_flip(images, uniforms, pad=3)
+    assert out.shape == (16, 3, 12, 10) and out.is_contiguous(memory_format=torch.channels_last)
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="reflect")
+    for i, u in enumerate(uniforms):
+        dy, dx = int(u[0] * 7) - 3, int(u[1] * 7) - 3
+        expected = padded[i][:, 3 + dy:3 + dy + 12, 3 + dx:3 + dx + 10]  # the crop, then maybe a flip
+        expected = expected.flip(2) if u[2] < 0.5 else expected
+        assert torch.equal(out[i].float(), expected), i
+
+
+def test_batch_resized_crop_keeps_the_whole_image_at_full_scale():
+    images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    full = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9], [1.0, 0.5, 0.5, 0.5, 0.1]])  # area 1, aspect 1, centred; no flip, flip
+    out = data.resized_crop_flip(images, full, 8, 0.25)
+    assert torch.allclose(out[0], images[0].permute(2, 0, 1).float(), atol=1e-3)
+    assert torch.allclose(out[1], images[1].permute(2, 0, 1).float().flip(2), atol=1e-3)
+    zoomed = data.resized_crop_flip(images, torch.rand(2, 5), 16, 0.25)
+    assert zoomed.shape == (2, 3, 16, 16) and zoomed.min() >= 0 and zoomed.max() <= 255
+
+
+def test_batch_augmentation_depends_on_the_sample_not_the_batch():
+    a = data.hash_uniforms(5, 2, np.array([7, 3, 9]), 5)
+    b = data.hash_uniforms(5, 2, np.array([9, 1, 7]), 5)
+    assert torch.equal(a[0], b[2]) and torch.equal(a[2], b[0])
+    assert not torch.equal(a, data.hash_uniforms(5, 3, np.array([7, 3, 9]), 5))  # a new epoch, new draws
+    assert 0 <= a.min() and a.max() < 1
+
+
+def test_cached_loaders_shard_and_batch_like_the_pil_ones(tmp_path):
+    root = write_image_folder(tmp_path / "ds", n_train=5, splits=("train",))
+    samples = data.list_images(root / "train", data.find_classes(root / "train"))
+    array, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
+    targets = [t for _, t in samples]
+    seen = []
+    for rank in (0, 1):
+        shard = data.CachedLoader(array, rows, targets, range(rank, len(rows), 2), 4, torch.device("cpu"))
+        for images, labels in shard:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+            seen += labels.tolist()
+    assert sorted(seen) == sorted(targets)  # every image once, none padded in
+    sampler = data.make_epoch_sampler(len(rows), 4, seed=0)
+    train = data.CachedLoader(array, rows, targets, sampler, 4, torch.device("cpu"),
+                              partial(data.translate_flip, pad=4), drop_last=True)
+    sampler.set_epoch(1)
+    assert len(train) == 15 // 4 == len(list(train))

@@ -57,9 +57,11 @@ def test_two_processes_write_the_same_files(image_folder, tmp_path):
     assert resumed.returncode != 0 and "2 process(es)" in resumed.stderr
 
 
-def test_two_processes_follow_the_path_of_one(image_folder, tmp_path):
-    """2 processes x batch 4 and 1 process x batch 8 see the same images per step and average the same gradients."""
-    common = ["--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny_gn", "--amp", "off", "--workers", 0]
+@pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
+def test_two_processes_follow_the_path_of_one(image_folder, tmp_path, cache):
+    """2 processes x batch 4 and 1 process x batch 8 see the same images per step, augmented the same way
+    (per-image PIL or batched on the device), and average the same gradients."""
+    common = ["--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny_gn", "--amp", "off", "--workers", 0, cache]
     run_script("train.py", *common, "-b", 8, "--output-dir", tmp_path / "one", env=ENV)
     torchrun("train.py", *common, "-b", 4, "--output-dir", tmp_path / "two")
     one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")

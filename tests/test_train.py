@@ -94,7 +94,7 @@ def test_predict_matches_evaluate_preprocessing(trained_run, image_folder):
     dataset = data.ImageDataset([(p, 0) for p in paths], data.eval_transform(checkpoint["preprocess"]))
     images = torch.stack([dataset[i][0] for i in range(len(paths))])
     with torch.no_grad():
-        logits = model(data.normalize(images, checkpoint["preprocess"]["mean"], checkpoint["preprocess"]["std"]))
+        logits = model(data.make_normalize(checkpoint["preprocess"], torch.device("cpu"))(images))
     assert predicted == logits.argmax(1).tolist()
 
 
@@ -297,3 +297,18 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
         assert checkpoint["step"] >= 0
         path.unlink()
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".pt"]  # leftovers are temp files, never *.pt
+
+
+def test_evaluate_with_test_time_augmentation(trained_run, image_folder, tmp_path):
+    import evaluate
+    calls = []
+    model = lambda x: calls.append(x.shape) or x.mean((2, 3))  # noqa: E731
+    evaluate.tta_logits(model, torch.rand(2, 3, 32, 32))
+    assert len(calls) == 6  # flip, and two shifts of both, for small images
+    calls.clear()
+    evaluate.tta_logits(model, torch.rand(2, 3, 96, 96))
+    assert len(calls) == 2  # flip only
+    run_dir, _ = trained_run
+    result = run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", image_folder, "--tta", "--json", tmp_path / "m.json")
+    assert "with test-time augmentation" in result.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["count"] == 18

@@ -1,0 +1,184 @@
+"""Images per second and peak memory of four ways to train the same model on the same images.
+
+    python benchmarks/bench_train.py --data /path/to/cifar10-dev                     # smallnet, 32 px
+    python benchmarks/bench_train.py --data /path/to/cifar10-dev --model resnet18 --img-size 128 -b 64 \\
+        --train-images 2000 --runs bare,pil
+
+  (1) bare   forward/backward/step on one batch already in memory: the compute alone
+  (2) pil    train.py --no-cache: per-image PIL decoding and augmentation in loader processes
+  (3) cache  train.py --cache: decoded once into a memory-mapped file, augmented in batches on the device
+  (4) naive  torchvision ImageFolder + DataLoader + PIL transforms, fp32, as a first script would be written
+
+Each runs in a process of its own; its memory is the peak of the summed PSS of its process tree (shared pages
+counted once). train.py's figure is the images/s of its last epoch (loop only, evaluation excluded).
+"""
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="an image folder with train/<class>/ and val/<class>/")
+    p.add_argument("--model", default="smallnet", help="model name (default: smallnet)")
+    p.add_argument("--img-size", type=int, default=32, help="training image size (default: 32)")
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="batch size (default: 256)")
+    p.add_argument("--train-images", type=int, default=10000, help="training images used, taken evenly from the classes (default: 10000)")
+    p.add_argument("--epochs", type=int, default=2, help="train.py epochs; the last one is timed (default: 2)")
+    p.add_argument("--runs", default="bare,pil,cache,naive", help="which of bare,pil,cache,naive to run (default: all)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one in-process loop and print img/s
+    return p.parse_args()
+
+
+# -----------------------------------------------------------------------------
+# the two loops that are not train.py
+
+def bare_loop(args, steps=12, warmup=3):
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from model import build_model
+    model = build_model(args.model, 10, log=lambda *_: None).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, foreach=True)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 10, (args.batch_size,))
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images).float(), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steps * args.batch_size / (time.perf_counter() - start)
+
+
+def naive_loop(args, data_dir):
+    """What a first training script looks like: ImageFolder, PIL transforms, DataLoader(num_workers=2), fp32."""
+    import torch
+    from torchvision import datasets, transforms
+    sys.path.insert(0, str(ROOT))
+    from model import build_model
+    transform = transforms.Compose([
+        transforms.Resize(args.img_size), transforms.RandomCrop(args.img_size, padding=args.img_size // 8),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    dataset = datasets.ImageFolder(Path(data_dir) / "train", transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True)
+    model = build_model(args.model, len(dataset.classes), log=lambda *_: None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    seen, start = 0, None
+    for i, (images, targets) in enumerate(loader):
+        if i == 1:  # the first batch waits for the workers to start
+            seen, start = 0, time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += len(images)
+    return seen / (time.perf_counter() - start)
+
+
+# -----------------------------------------------------------------------------
+# measuring a process tree
+
+def tree_pss_bytes(pid):
+    """Summed proportional set size of a process and its descendants (shared pages split between them)."""
+    children = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(proc.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def run_measured(cmd):
+    """Runs cmd; returns (stdout, peak memory in bytes)."""
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+
+    def sample():
+        while process.poll() is None:
+            peak[0] = max(peak[0], tree_pss_bytes(process.pid))
+            time.sleep(0.2)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    output = process.communicate()[0]
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{output}")
+    return output, peak[0]
+
+
+def subset_folder(data_dir, train_images, tmp):
+    """A folder of links to `train_images` training images, taken evenly from the classes, and 1,000 val images."""
+    for split, count in (("train", train_images), ("val", 1000)):
+        classes = sorted(d.name for d in (Path(data_dir) / split).iterdir() if d.is_dir())
+        for name in classes:
+            (tmp / split / name).mkdir(parents=True)
+            files = sorted((Path(data_dir) / split / name).iterdir())[: count // len(classes)]
+            for f in files:
+                (tmp / split / name / f.name).symlink_to(f.resolve())
+    return tmp
+
+
+def measure(name, args, data_dir, out_dir):
+    common = ["--model", args.model, "--img-size", str(args.img_size), "-b", str(args.batch_size)]
+    if name in ("bare", "naive"):
+        cmd = [sys.executable, __file__, "--only", name, "--data", str(data_dir), *common]
+        output, peak = run_measured(cmd)
+        return float(output.strip().splitlines()[-1]), peak
+    run_dir = out_dir / name
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(data_dir), *common, "--epochs", str(args.epochs),
+           "--cache" if name == "cache" else "--no-cache", "--output-dir", str(run_dir)]
+    output, peak = run_measured(cmd)
+    with open(run_dir / "results.csv") as f:
+        return float(list(csv.DictReader(f))[-1]["images_per_s"]), peak
+
+
+def main():
+    args = get_args()
+    if args.only:
+        loop = bare_loop(args) if args.only == "bare" else naive_loop(args, args.data)
+        print(f"{loop:.1f}")
+        return
+    runs = args.runs.split(",")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = subset_folder(args.data, args.train_images, Path(tmp) / "data")
+        for name in runs:
+            results[name] = measure(name, args, data_dir, Path(tmp) / "runs")
+            print(f"{name:6s} {results[name][0]:8.1f} img/s  peak memory {results[name][1] / 2**30:.2f} GiB", flush=True)
+        decoded = args.train_images * (args.img_size * (1 if args.img_size <= 64 else 8 / 7)) ** 2 * 3
+    print(f"\n{args.model}, {args.img_size} px, batch {args.batch_size}, {args.train_images} training images, "
+          f"{os.cpu_count()} cores, decoded training set {decoded / 2**30:.3f} GiB")
+    print(f"{'run':8s}{'img/s':>10s}{'peak GiB':>10s}")
+    for name, (speed, peak) in results.items():
+        print(f"{name:8s}{speed:10.1f}{peak / 2**30:10.2f}")
+    for a, b in (("pil", "bare"), ("cache", "bare"), ("cache", "naive")):
+        if a in results and b in results:
+            print(f"({a})/({b}) = {results[a][0] / results[b][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
