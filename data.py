@@ -8,6 +8,7 @@ Images leave the loader as uint8 tensors (4x less to copy between processes than
 Small datasets can instead be decoded once into a memory-mapped uint8 array and augmented in whole batches
 on the device (`--cache`, the second half of this file).
 """
+import csv
 import hashlib
 import json
 import math
@@ -51,6 +52,8 @@ def load_image(path):
 def check_image(path):
     """Why a file cannot be used, from its size and header alone (fast), or None if it looks fine.
     Damage deeper in the file (a truncated JPEG) shows only when it is decoded, in the loader."""
+    if not os.path.isfile(path):
+        return "no such file"
     if os.path.getsize(path) == 0:
         return "empty file"
     try:
@@ -114,11 +117,14 @@ def list_images(folder, classes):
 
 
 def stratified_split(samples, fraction, seed):
-    """Deterministic split of samples into (train, val) with `fraction` of every class in val."""
+    """Deterministic split of samples into (train, val) with `fraction` of every class in val
+    (multilabel samples, whose targets are vectors, are split as one group)."""
     rng = np.random.default_rng(seed)
+    def group(target):
+        return target if isinstance(target, int) else -1
     train, val = [], []
-    for target in sorted({t for _, t in samples}):
-        members = [s for s in samples if s[1] == target]
+    for target in sorted({group(t) for _, t in samples}):
+        members = [s for s in samples if group(s[1]) == target]
         order = rng.permutation(len(members))
         n_val = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
         val += [members[i] for i in sorted(order[:n_val])]
@@ -126,23 +132,44 @@ def stratified_split(samples, fraction, seed):
     return train, val
 
 
-def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False):
+def select_classes(found, wanted=None, ignore=(), where="the data"):
+    """The classes to train on: `wanted` in its order (--classes), else those found, less `ignore`
+    (--ignore-classes). A found class that is neither wanted nor ignored is an error: its images would vanish."""
+    kept = [c for c in found if c not in ignore]
+    if not wanted:
+        return kept
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise SystemExit(f"error: --classes names {', '.join(missing)}, which {where} does not have")
+    extra = [c for c in kept if c not in wanted]
+    if extra:
+        raise SystemExit(f"error: {where} has class(es) that --classes does not list: {', '.join(extra)}; "
+                         "add them to --classes or drop them with --ignore-classes")
+    return list(wanted)
+
+
+def parse_class_list(text):
+    """--classes a,b,c, or the path of a file with one class per line."""
+    if text is None:
+        return None
+    if os.path.isfile(text):
+        return [line.strip() for line in Path(text).read_text().splitlines() if line.strip()]
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, wanted=None, ignore=()):
     """Reads DATA/train and DATA/val (or DATA/test, or a split of train). Returns classes, train and val samples.
-    Unusable files are skipped with a warning (an error with strict)."""
+    Unusable files are skipped with a warning (an error with strict). wanted/ignore: select_classes."""
     data_root = Path(data_root)
     train_dir = data_root / "train"
     if not data_root.is_dir():
         raise SystemExit(f"error: dataset folder {data_root} does not exist")
     if not train_dir.is_dir():
         raise SystemExit(f"error: {data_root} has no train/ folder; expected {data_root}/train/<class>/<image>")
-    classes = find_classes(train_dir)
-    if not classes:
+    if not find_classes(train_dir):
         raise SystemExit(f"error: {train_dir} has no class folders; expected {train_dir}/<class>/<image>")
-    train = scan_images(list_images(train_dir, classes), strict, log)
-    empty = sorted(set(classes) - {classes[t] for _, t in train})
-    if empty:
-        raise SystemExit(f"error: class folder(s) with no images in {train_dir}: {', '.join(empty)} "
-                         "(an empty class would shift every class index: remove it or add images)")
+    classes = select_classes(find_classes(train_dir), wanted, ignore, train_dir)
+    train = check_nonempty(scan_images(list_images(train_dir, classes), strict, log), classes, train_dir)
 
     val_dir = next((data_root / s for s in ("val", "test") if (data_root / s).is_dir()), None)
     if val_dir is None:
@@ -152,14 +179,23 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False):
     else:
         if val_dir.name == "test":
             log(f"data: no val/ folder in {data_root}: validating on {val_dir}")
-        val = scan_images(check_val_classes(val_dir, classes, log), strict, log)
+        val = scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
     log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
     return classes, train, val
 
 
-def check_val_classes(val_dir, classes, log=print):
+def check_nonempty(samples, classes, where):
+    present = {i for _, t in samples for i in ([t] if isinstance(t, int) else t.nonzero().flatten().tolist())}
+    empty = [name for i, name in enumerate(classes) if i not in present]
+    if empty:
+        raise SystemExit(f"error: class(es) with no images in {where}: {', '.join(empty)} "
+                         "(an empty class would shift every class index: remove it or add images)")
+    return samples
+
+
+def check_val_classes(val_dir, classes, log=print, ignore=()):
     """Lists val_dir with the class indices of `classes` (never re-indexed by position)."""
-    val_classes = find_classes(val_dir)
+    val_classes = [c for c in find_classes(val_dir) if c not in ignore]
     unknown = sorted(set(val_classes) - set(classes))
     if unknown:
         raise SystemExit(f"error: {val_dir} has class folder(s) that the training classes lack: "
@@ -171,15 +207,95 @@ def check_val_classes(val_dir, classes, log=print):
     return list_images(val_dir, classes)
 
 
-def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=False):
+def read_csv_samples(csv_path, image_column="image", label_column="label", delimiter=None):
+    """[(path, [label, ...])] from a CSV file with a header. Paths are absolute, or relative to the CSV's folder,
+    which a relative path may not leave (no `..`, no symlink out): such a row is an error naming it."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise SystemExit(f"error: CSV file {csv_path} does not exist")
+    folder = csv_path.parent.resolve()
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        for column in (image_column, label_column):
+            if column not in (reader.fieldnames or []):
+                raise SystemExit(f"error: {csv_path} has no column {column!r} (it has: {', '.join(reader.fieldnames or [])}); "
+                                 "name the columns with --image-column and --label-column")
+        rows = []
+        for line, row in enumerate(reader, start=2):  # line 1 is the header
+            path = Path(row[image_column].strip())
+            if not path.is_absolute():
+                path = folder / path
+                if not path.resolve().is_relative_to(folder):
+                    raise SystemExit(f"error: {csv_path} line {line}: {row[image_column]!r} leads outside {folder}; "
+                                     "use paths inside the CSV's folder, or absolute paths")
+            text = row[label_column].strip()
+            labels = [x.strip() for x in (text.split(delimiter) if delimiter else [text]) if x.strip()]
+            rows.append((str(path), labels))
+    return rows
+
+
+def index_labels(rows, classes, where, multilabel=False):
+    """[(path, target)] of rows whose labels are class names or integer ids of `classes`. The target is the
+    class index, or with multilabel a multi-hot float vector."""
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for path, labels in rows:
+        if not multilabel and len(labels) != 1:
+            raise SystemExit(f"error: {where}: {path} has {len(labels)} labels; one is expected "
+                             "(several labels need --task multilabel)")
+        targets = [index[label] if label in index else int(label) if label.isdigit() else -1 for label in labels]
+        bad = [label for label, t in zip(labels, targets) if not 0 <= t < len(classes)]
+        if bad:
+            raise SystemExit(f"error: {where}: {path} has label(s) {', '.join(bad)}, not among the classes")
+        samples.append((path, torch.zeros(len(classes)).index_fill_(0, torch.tensor(targets, dtype=torch.long), 1.0)
+                        if multilabel else targets[0]))
+    return samples
+
+
+def load_csv_samples(train_csv, val_csv=None, image_column="image", label_column="label", delimiter=None,
+                     val_fraction=0.1, seed=0, log=print, strict=False, wanted=None, ignore=(), multilabel=False):
+    """Classes, train and val samples from CSV files: like load_samples, with the labels in a column.
+    Labels are class names or integer ids (0..K-1, in --classes order when given). An ignored class drops
+    the rows that have it, or with multilabel only that label."""
+    train_rows = read_csv_samples(train_csv, image_column, label_column, delimiter)
+    found = {label for _, labels in train_rows for label in labels}
+    if found and all(label.isdigit() for label in found):  # integer ids: positions in --classes, or their own names
+        classes = wanted or [str(i) for i in range(max(map(int, found)) + 1)]
+    else:
+        classes = select_classes(sorted(found), wanted, ignore, train_csv)
+    def drop_ignored(rows):
+        if multilabel:
+            return [(path, [label for label in labels if label not in ignore]) for path, labels in rows]
+        return [(path, labels) for path, labels in rows if not set(labels) & set(ignore)]
+    keep = drop_ignored(train_rows)
+    if len(keep) < len(train_rows):
+        log(f"data: left out {len(train_rows) - len(keep)} row(s) of {train_csv} with an ignored class (--ignore-classes)")
+    train = check_nonempty(scan_images(index_labels(keep, classes, train_csv, multilabel), strict, log), classes, train_csv)
+    if val_csv:
+        val_rows = drop_ignored(read_csv_samples(val_csv, image_column, label_column, delimiter))
+        val = scan_images(index_labels(val_rows, classes, val_csv, multilabel), strict, log)
+    else:
+        train, val = stratified_split(train, val_fraction, seed)
+        log(f"data: no --val-csv: holding out {val_fraction:.0%} of each class of {train_csv} for validation "
+            f"({len(val)} images, --val-fraction)")
+    log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
+    return classes, train, val
+
+
+def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=False, ignore=()):
     """Samples of one split, indexed by a trained model's `classes`. train and val follow the same
     rules as training (val/, else test/, else the same held-out part of train/)."""
     if split == "test":
         test_dir = Path(data_root) / "test"
         if not test_dir.is_dir():
             raise SystemExit(f"error: {data_root} has no test/ folder")
-        return scan_images(check_val_classes(test_dir, classes, log), strict, log)
-    data_classes, train, val = load_samples(data_root, val_fraction, seed, log, strict)
+        return scan_images(check_val_classes(test_dir, classes, log, ignore), strict, log)
+    val_dir = next((Path(data_root) / s for s in ("val", "test") if (Path(data_root) / s).is_dir()), None)
+    if split == "val" and val_dir is not None and (Path(data_root) / "train").is_dir():  # train/'s names suffice
+        data_classes = select_classes(find_classes(Path(data_root) / "train"), None, ignore)
+        if data_classes == list(classes):
+            return scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
+    data_classes, train, val = load_samples(data_root, val_fraction, seed, log, strict, ignore=ignore)
     if data_classes != list(classes):
         raise SystemExit(f"error: the classes of {data_root}/train ({', '.join(data_classes)}) are not the "
                          f"checkpoint's ({', '.join(classes)}); evaluate on the data the model was trained for")
@@ -208,15 +324,16 @@ def infer_img_size(paths, max_samples=256):
 AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment, "augmix": v2.AugMix}
 
 
-def train_transform(img_size, crop="resized", min_scale=0.25, auto_augment=None, random_erase=0.0, hflip=0.5):
+def train_transform(img_size, crop="resized", min_scale=0.25, auto_augment=None, random_erase=0.0, hflip=0.5,
+                    padding=None):
     """crop "resized": RandomResizedCrop, the ImageNet recipe (zoom and aspect changes). crop "padded":
-    resize the short side, then a random crop from a reflect-padded image (shifts of up to 1/8 of
-    the size), the CIFAR recipe: small images have no detail to spare for zooming."""
+    resize the short side, then a random crop from a reflect-padded image (shifts of up to `padding` px,
+    by default 1/8 of the size), the CIFAR recipe: small images have no detail to spare for zooming."""
     if crop == "resized":
         steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)]
     else:
         steps = [v2.Resize(img_size, antialias=True),
-                 v2.RandomCrop(img_size, padding=img_size // 8, padding_mode="reflect")]
+                 v2.RandomCrop(img_size, padding=img_size // 8 if padding is None else padding, padding_mode="reflect")]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     if auto_augment:
@@ -448,7 +565,8 @@ class CachedLoader:
     `sampler` and `len()`. augment: None, or a function (images, uniforms) -> images."""
 
     def __init__(self, array, rows, targets, sampler, batch_size, device, augment=None, seed=0, drop_last=False):
-        self.array, self.rows, self.targets = array, np.asarray(rows), torch.as_tensor(targets)
+        self.array, self.rows = array, np.asarray(rows)
+        self.targets = torch.stack([torch.as_tensor(t) for t in targets])  # class indices, or multi-hot rows
         self.sampler, self.batch_size, self.device = sampler, batch_size, device
         self.augment, self.seed, self.drop_last = augment, seed, drop_last
 

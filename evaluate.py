@@ -67,19 +67,76 @@ def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels
     loss_sum, correct, confusion = loss_sum.item(), correct.tolist(), confusion.cpu()
     count = int(confusion.sum())
     per_class_count = confusion.sum(1)
+    top1, topk = 100 * correct[0] / max(count, 1), 100 * correct[-1] / max(count, 1)
     return {
         "count": count,
         "loss": loss_sum / max(count, 1),
-        "top1": 100 * correct[0] / max(count, 1),
+        "top1": top1,
         "k": ks[-1],
-        "topk": 100 * correct[-1] / max(count, 1),
+        "topk": topk,
         "per_class_count": per_class_count.tolist(),
         "per_class_top1": (100 * confusion.diag() / per_class_count.clamp(min=1)).tolist(),
         "confusion": confusion.tolist(),
+        # what train.py selects best.pt by, logs and writes to results.csv
+        "score": top1,
+        "summary": f"top-1 {top1:.2f}% top-{ks[-1]} {topk:.2f}%",
+        "columns": {"val_top1": top1, "val_top5": topk},
     }
 
 
+@torch.inference_mode()
+def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5,
+                        tta=False, threshold=0.5):
+    """Multilabel metrics over the whole (sharded) loader: F1 (micro and macro), mAP, per-class precision and
+    recall at `threshold`. Average precision needs every score, so the shards are gathered (one exchange)."""
+    model.eval()
+    normalize = data.make_normalize(preprocess, device, channels_last)
+    scores, labels = [], []
+    for images, targets in loader:
+        with autocast(device, amp):
+            logits = tta_logits(model, normalize(images.to(device))) if tta else model(normalize(images.to(device))).float()
+        scores.append(logits.float())
+        labels.append(targets.to(device).float())
+    scores = torch.cat(scores) if scores else torch.zeros(0, num_classes, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, num_classes, device=device)
+    scores, labels = utils.all_gather_cat(scores.cpu()), utils.all_gather_cat(labels.cpu())
+    loss = F.binary_cross_entropy_with_logits(scores, labels).item() if len(scores) else 0.0
+    predicted, truth = scores.sigmoid() >= threshold, labels > 0.5
+    tp, fp, fn = (predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0)
+    precision, recall = tp / (tp + fp).clamp(min=1), tp / (tp + fn).clamp(min=1)
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+    present = truth.any(0)  # classes without a positive image have no recall, F1 or AP to speak of
+    micro_f1 = 100 * 2 * tp.sum().item() / max(1, (2 * tp + fp + fn).sum().item())
+    macro_f1 = 100 * f1[present].mean().item() if present.any() else 0.0
+    mean_ap = 100 * average_precision(scores, truth)[present].mean().item() if present.any() else 0.0
+    return {
+        "count": len(scores), "loss": loss, "threshold": threshold, "f1": micro_f1, "macro_f1": macro_f1, "map": mean_ap,
+        "per_class_count": truth.sum(0).tolist(), "per_class_precision": (100 * precision).tolist(),
+        "per_class_recall": (100 * recall).tolist(),
+        "score": micro_f1,
+        "summary": f"F1 {micro_f1:.2f}% (macro {macro_f1:.2f}%) mAP {mean_ap:.2f}%",
+        "columns": {"val_f1": micro_f1, "val_macro_f1": macro_f1, "val_map": mean_ap},
+    }
+
+
+def average_precision(scores, truth):
+    """Per class: the mean, over its positive images, of the precision among the images ranked above them."""
+    order = scores.argsort(0, descending=True)
+    relevant = truth.gather(0, order).float()
+    precision_at = relevant.cumsum(0) / torch.arange(1, len(scores) + 1).unsqueeze(1)
+    return (precision_at * relevant).sum(0) / relevant.sum(0).clamp(min=1)
+
+
+EVALUATE = {"single": evaluate, "multilabel": evaluate_multilabel}
+
+
 def format_report(metrics, classes):
+    if "f1" in metrics:  # multilabel
+        rows = [[name, str(n), f"{p:.2f}%", f"{r:.2f}%"] for name, n, p, r in zip(
+            classes, metrics["per_class_count"], metrics["per_class_precision"], metrics["per_class_recall"])]
+        return "\n".join([f"images {metrics['count']}  loss {metrics['loss']:.4f}  {metrics['summary']}  "
+                          f"(threshold {metrics['threshold']})", "", "per class:",
+                          utils.format_table(rows, ["class", "positives", "precision", "recall"])])
     lines = [f"images {metrics['count']}  loss {metrics['loss']:.4f}  top-1 {metrics['top1']:.2f}%  "
              f"top-{metrics['k']} {metrics['topk']:.2f}%", "", "per-class top-1:"]
     rows = [[name, str(n), f"{acc:.2f}%"] for name, n, acc in
@@ -94,6 +151,10 @@ def format_report(metrics, classes):
 def write_csv(metrics, classes, path):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
+        if "f1" in metrics:  # multilabel
+            writer.writerow(["class", "positives", "precision", "recall"])
+            writer.writerows(zip(classes, metrics["per_class_count"], metrics["per_class_precision"], metrics["per_class_recall"]))
+            return
         writer.writerow(["class", "images", "top1"] + [f"predicted:{name}" for name in classes])
         for name, n, acc, row in zip(classes, metrics["per_class_count"], metrics["per_class_top1"], metrics["confusion"]):
             writer.writerow([name, n, f"{acc:.4f}"] + row)
@@ -102,7 +163,8 @@ def write_csv(metrics, classes, path):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
-    parser.add_argument("--data", required=True, help="dataset folder with train/ and val/ or test/")
+    parser.add_argument("--data", default=None, help="dataset folder with train/ and val/ or test/")
+    parser.add_argument("--val-csv", default=None, help="instead of --data: a CSV of images and labels (the training run's columns)")
     parser.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     parser.add_argument("-b", "--batch-size", type=int, default=None,
                         help="per process (default: the training batch size, so numbers match training's)")
@@ -111,6 +173,7 @@ def get_args_parser():
     parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="mixed precision (default: the training run's)")
     parser.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, capped at the number of classes (default: 5)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (and 1/32-size shifts up to 64 px)")
+    parser.add_argument("--plot", default=None, help="also draw the normalised confusion matrix into this PNG file")
     parser.add_argument("--json", default=None, help="also write all metrics to this JSON file")
     parser.add_argument("--csv", default=None, help="also write per-class accuracy and the confusion matrix to this CSV file")
     return parser
@@ -118,6 +181,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if (args.data is None) == (args.val_csv is None):
+        get_args_parser().error("give one of --data and --val-csv")
     if args.batch_size is not None and args.batch_size < 1:
         get_args_parser().error("--batch-size must be at least 1")
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
@@ -125,7 +190,15 @@ def main(argv=None):
 
     checkpoint = utils.load_checkpoint(args.ckpt)
     classes, preprocess, train_args = checkpoint["classes"], checkpoint["preprocess"], checkpoint["args"]
-    samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"], log)
+    if args.val_csv:
+        rows = data.read_csv_samples(args.val_csv, train_args.get("image_column", "image"),
+                                     train_args.get("label_column", "label"), train_args.get("label_delimiter"))
+        samples = data.scan_images(data.index_labels(rows, classes, args.val_csv, train_args.get("task") == "multilabel"),
+                                   log=log)
+    else:
+        ignore = data.parse_class_list(train_args.get("ignore_classes")) or []
+        samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
+                                     log, ignore=ignore)
     dataset = data.ImageDataset(samples, data.eval_transform(preprocess))
     loader = data.make_eval_loader(dataset, args.batch_size or train_args["batch_size"], args.workers, device,
                                    rank, world_size)
@@ -134,16 +207,19 @@ def main(argv=None):
     channels_last = train_args["channels_last"]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model, loader, device, len(classes), preprocess, args.amp or train_args["amp"],
-                       channels_last, args.topk, args.tta)
+    task = train_args.get("task", "single")
+    metrics = EVALUATE[task](model, loader, device, len(classes), preprocess, args.amp or train_args["amp"],
+                             channels_last, args.topk, args.tta)
 
-    log(f"{args.ckpt} on {args.data} ({args.split}{', with test-time augmentation' if args.tta else ''}):")
+    log(f"{args.ckpt} on {args.data or args.val_csv} ({args.split}{', with test-time augmentation' if args.tta else ''}):")
     log(format_report(metrics, classes))
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
             json.dump({"ckpt": args.ckpt, "data": args.data, "split": args.split, "classes": classes, **metrics}, f, indent=1)
     if rank == 0 and args.csv:
         write_csv(metrics, classes, args.csv)
+    if rank == 0 and args.plot and task == "single":
+        utils.plot_confusion(metrics["confusion"], classes, args.plot)
     utils.cleanup_distributed()
     return metrics
 

@@ -3,6 +3,7 @@
     python train.py --list-models      # every name build_model accepts
 """
 import difflib
+from collections import OrderedDict
 from functools import partial
 
 import torch
@@ -28,19 +29,16 @@ class ConvGroup(nn.Sequential):
         super().__init__(conv1, nn.MaxPool2d(2), norm1, act1, *conv_norm(c_out, c_out, norm))
 
 
-class SmallNet(nn.Module):
-    def __init__(self, num_classes, widths=(64, 256, 256), stem_width=24, dropout=0.0, norm=nn.BatchNorm2d):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem_width, 2, bias=False), norm(stem_width), nn.GELU())
-        channels = [stem_width, *widths]
-        self.groups = nn.Sequential(*[ConvGroup(a, b, norm) for a, b in zip(channels, channels[1:])])
-        self.pool = nn.AdaptiveMaxPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(widths[-1], num_classes)
+class SmallNet(nn.Sequential):
+    """stem, group1..group3, pool, flatten, dropout, fc: a flat sequence, so its stages are its children."""
 
-    def forward(self, x):
-        x = self.pool(self.groups(self.stem(x))).flatten(1)
-        return self.fc(self.dropout(x))
+    def __init__(self, num_classes, widths=(64, 256, 256), stem_width=24, dropout=0.0, norm=nn.BatchNorm2d):
+        channels = [stem_width, *widths]
+        layers = {"stem": nn.Sequential(nn.Conv2d(3, stem_width, 2, bias=False), norm(stem_width), nn.GELU())}
+        layers.update({f"group{i}": ConvGroup(a, b, norm) for i, (a, b) in enumerate(zip(channels, channels[1:]), 1)})
+        layers.update(pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(), dropout=nn.Dropout(dropout),
+                      fc=nn.Linear(widths[-1], num_classes))
+        super().__init__(OrderedDict(layers))
 
 
 OWN_MODELS = {
@@ -106,6 +104,43 @@ def load_matching(model, state_dict, source, log=print):
     if mismatched:
         log(f"model: dropped {len(mismatched)} tensor(s) of another shape, left freshly initialised "
             f"(a head for another number of classes): {', '.join(mismatched)}")
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning: freezing stages, the head's dropout
+
+def stages(model):
+    """The model's stages in order: its top-level children that hold parameters (resnet: conv1, bn1,
+    layer1..layer4, fc; smallnet: stem, group1..group3, fc; efficientnet: features, classifier)."""
+    return [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
+
+
+def freeze(model, count, log=print):
+    """Freezes the first `count` stages (-1: all but the last, the head): no gradients, and their BatchNorm
+    keeps its running statistics (keep_frozen_in_eval re-applies that after model.train()). Returns them."""
+    all_stages = stages(model)
+    count = len(all_stages) - 1 if count < 0 else min(count, len(all_stages) - 1)
+    frozen = [module for _, module in all_stages[:count]]
+    for module in frozen:
+        module.requires_grad_(False)
+    log(f"model: froze {count} of {len(all_stages)} stages; training {', '.join(n for n, _ in all_stages[count:])}")
+    return frozen
+
+
+def keep_frozen_in_eval(frozen):
+    for module in frozen:
+        module.eval()  # BatchNorm in a frozen stage uses, and does not update, its running statistics
+
+
+def set_head_dropout(model, p):
+    """Dropout p on the input of the last Linear layer (the head), in training only, replacing the dropout
+    that sits beside it. A hook, so the state dict, and every checkpoint, keeps its usual keys."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, head = model.get_submodule(name.rpartition(".")[0]), model.get_submodule(name)
+    for sibling in parent.children():
+        if isinstance(sibling, nn.Dropout):
+            sibling.p = 0.0
+    head.register_forward_pre_hook(lambda module, inputs: (nn.functional.dropout(inputs[0], p, module.training),))
 
 
 def model_from_checkpoint(checkpoint):

@@ -2,6 +2,7 @@
 
     python predict.py img.jpg --ckpt runs/exp/best.pt
     python predict.py photos/ "more/*.png" --ckpt runs/exp/best.pt --topk 3 --json
+    python predict.py img.jpg --ckpt runs/exp/best.torchscript    # an export of export.py, with best.json beside it
 
 The class names and the eval preprocessing (resize, crop, mean, std) come from the checkpoint, which
 is loaded with weights_only=True: a checkpoint cannot run code on your machine.
@@ -38,8 +39,9 @@ def expand_inputs(inputs):
 
 
 @torch.inference_mode()
-def predict(model, paths, preprocess, device, batch_size=32, topk=5):
-    """[(path, [(class index, probability)] best first)] for every image."""
+def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=None):
+    """[(path, [(class index, probability)] best first)] for every image: the top-k classes (softmax), or
+    with a threshold (multilabel models) every class whose sigmoid probability reaches it."""
     transform = data.eval_transform(preprocess)
     normalize = data.make_normalize(preprocess, device)
     results = []
@@ -54,18 +56,36 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5):
         if not images:
             continue
         images = torch.stack(images).to(device)
-        logits = model(normalize(images))
-        probs, indices = logits.float().softmax(1).topk(min(topk, logits.shape[1]), dim=1)
-        for path, p, i in zip(batch_paths, probs.tolist(), indices.tolist()):
-            results.append((path, list(zip(i, p))))
+        logits = model(normalize(images)).float()
+        if threshold is None:
+            probs, indices = logits.softmax(1).topk(min(topk, logits.shape[1]), dim=1)
+            results += [(path, list(zip(i, p))) for path, p, i in zip(batch_paths, probs.tolist(), indices.tolist())]
+            continue
+        for path, p in zip(batch_paths, logits.sigmoid().tolist()):
+            results.append((path, sorted(((i, q) for i, q in enumerate(p) if q >= threshold), key=lambda x: -x[1])))
     return results
+
+
+def load_for_prediction(path, device):
+    """(model, classes, preprocess) from one of our checkpoints, or from a TorchScript export (export.py)
+    and the JSON file beside it."""
+    if Path(path).suffix == ".torchscript":
+        meta_path = Path(path).with_suffix(".json")
+        if not meta_path.is_file():
+            raise SystemExit(f"error: {meta_path} (classes and preprocessing, written by export.py) is missing")
+        meta = json.loads(meta_path.read_text())
+        return torch.jit.load(path, map_location=device), meta["classes"], meta["preprocess"], meta.get("multilabel", False)
+    checkpoint = utils.load_checkpoint(path)
+    return model_from_checkpoint(checkpoint).to(device), checkpoint["classes"], checkpoint["preprocess"], \
+        checkpoint["args"].get("task", "single") == "multilabel"
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a .torchscript file of export.py")
     parser.add_argument("--topk", type=int, default=5, help="classes to show per image, at most the number of classes (default: 5)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="multilabel models: list every class with a probability at least this (default: 0.5)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -78,11 +98,10 @@ def main(argv=None):
     if args.topk < 1 or args.batch_size < 1:
         parser.error("--topk and --batch-size must be at least 1")
     paths = expand_inputs(args.inputs)
-    checkpoint = utils.load_checkpoint(args.ckpt)
-    classes = checkpoint["classes"]
     device = torch.device(args.device or utils.default_device())
-    model = model_from_checkpoint(checkpoint).to(device)
-    results = predict(model, paths, checkpoint["preprocess"], device, args.batch_size, args.topk)
+    model, classes, preprocess, multilabel = load_for_prediction(args.ckpt, device)
+    threshold = args.threshold if multilabel else None
+    results = predict(model, paths, preprocess, device, args.batch_size, args.topk, threshold)
     if not results:
         raise SystemExit("error: none of the inputs could be read as an image")
     if args.json:
@@ -90,7 +109,9 @@ def main(argv=None):
                           for path, top in results], indent=1))
     else:
         rows = [[path] + [f"{classes[i]} {p:.3f}" for i, p in top] for path, top in results]
-        print(utils.format_table(rows, ["image"] + [f"top-{k + 1}" for k in range(len(results[0][1]))]))
+        width = max(len(top) for _, top in results)
+        header = [f"top-{k + 1}" for k in range(width)] if threshold is None else [f"label {k + 1}" for k in range(width)]
+        print(utils.format_table(rows, ["image"] + header))
     return results
 
 

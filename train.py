@@ -3,11 +3,13 @@
     python train.py                                     # demo: generated shapes, about 2 minutes on a 2-core CPU
     python train.py --data DATA --epochs 20             # DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg
     python train.py --data DATA --model resnet50 --pretrained --lr 0.01
+    python train.py --train-csv train.csv --val-csv val.csv     # columns image,label; paths relative to the CSV
     torchrun --nproc_per_node 4 train.py --data DATA    # one process per GPU (or CPU processes with gloo)
     python train.py --resume runs/exp/last.pt           # continue a stopped run where it stopped
 
 Writes to --output-dir (default runs/<data folder name>-<date>-<time>): last.pt (every epoch), best.pt (best val
-top-1 so far), results.csv (a row per epoch), args.json and train.log.
+top-1 so far), results.csv (a row per epoch), args.json, train.log, and at the end results.png (curves) and
+confusion_matrix.png (of best.pt).
 """
 import argparse
 import csv
@@ -31,12 +33,16 @@ from torchvision.transforms import v2
 
 import data
 import utils
-from evaluate import AMP_DTYPES, autocast, evaluate
-from model import build_model, check_model_name, list_models
+from evaluate import AMP_DTYPES, EVALUATE, autocast
+from model import build_model, check_model_name, freeze, keep_frozen_in_eval, list_models, set_head_dropout
 
 # defaults that depend on the optimizer: SGD and AdamW want learning rates 100x apart
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "wd": 5e-4}, "adamw": {"lr": 1e-3, "wd": 0.05}}
-RESULTS_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds", "images_per_s"]
+RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of images with every label right
+    "single": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds", "images_per_s"],
+    "multilabel": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_f1", "val_macro_f1", "val_map",
+                   "seconds", "images_per_s"],
+}
 SHAPES_DIR = "datasets/shapes"  # where `python train.py` without --data writes its demo dataset
 MAX_BAD_STEPS = 20  # consecutive steps with a non-finite loss after which a run has diverged: stop it
 CHECK_EVERY = 10  # steps between reads of the stop and divergence flags (a sync point; an all-reduce with DDP)
@@ -46,10 +52,19 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--data", default=None, help=f"dataset folder (default: generate a shapes demo in {SHAPES_DIR})")
+    p.add_argument("--train-csv", default=None, help="instead of --data: a CSV file of image paths and labels (paths relative to its folder)")
+    p.add_argument("--val-csv", default=None, help="the validation CSV (default: --val-fraction of --train-csv)")
+    p.add_argument("--image-column", default="image", help="CSV column of the image paths (default: image)")
+    p.add_argument("--label-column", default="label", help="CSV column of the labels: class names or integer ids (default: label)")
+    p.add_argument("--label-delimiter", default=None, help="separator of several labels in one CSV cell (default: one label)")
+    p.add_argument("--task", default="single", choices=["single", "multilabel"], help="one class per image (softmax), or any number (sigmoid, BCE; CSV only) (default: single)")
+    p.add_argument("--classes", default=None, help="the classes, in index order: a,b,c or a file with one per line (default: sorted names found)")
+    p.add_argument("--ignore-classes", default=None, help="classes to leave out of the data: a,b or a file")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/ held out when there is no val/ or test/ (default: 0.1)")
     p.add_argument("--img-size", type=int, default=None, help="training crop size (default: about the median short side of the images, a multiple of 32, at most 224)")
     p.add_argument("--crop-pct", type=float, default=None, help="eval center crop / resized short side (default: 1.0 up to 64 px, else 0.875)")
     p.add_argument("--train-crop", default=None, choices=["resized", "padded"], help="RandomResizedCrop, or a random crop of the reflect-padded image (default: padded up to 64 px, else resized)")
+    p.add_argument("--crop-padding", type=int, default=None, help="padded crop: shifts of up to this many px (default: 1/8 of --img-size; short runs like less)")
     p.add_argument("--min-scale", type=float, default=0.25, help="smallest area share of RandomResizedCrop (default: 0.25; ImageNet recipes use 0.08, too harsh for short runs)")
     p.add_argument("--auto-augment", default=None, choices=list(data.AUTO_AUGMENT), help="TrivialAugment, RandAugment or AugMix (default: none)")
     p.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability (default: 0)")
@@ -62,7 +77,10 @@ def get_args_parser():
     p.add_argument("--model", default=None, help="a name from --list-models (default: smallnet up to 64 px, else resnet18)")
     p.add_argument("--list-models", action="store_true", help="print the model names and exit")
     p.add_argument("--pretrained", action="store_true", help="start from torchvision's default weights (downloads them)")
-    p.add_argument("--weights", default=None, help="start from a local state dict or checkpoint; a head of another shape is dropped")
+    p.add_argument("--weights", default=None, help="start from a local state dict or checkpoint (a runs/x/best.pt: fine-tune it); a head of another shape is dropped")
+    p.add_argument("--freeze", type=int, default=0, help="freeze the first N stages (their BatchNorm statistics too) and train the rest (default: 0)")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the head (the last stage)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout before the head, replacing the model's own (default: the model's)")
     # optimisation
     p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
     p.add_argument("-b", "--batch-size", type=int, default=64, help="images per process per step; global batch = this x processes x --accum-steps (default: 64)")
@@ -86,7 +104,10 @@ def get_args_parser():
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
     p.add_argument("--deterministic", action="store_true", help="bitwise repeatable runs (slower kernels on GPU)")
+    p.add_argument("--patience", type=int, default=0, help="stop when val top-1 has not improved for N epochs (default: 0, never)")
+    p.add_argument("--time", type=float, default=None, help="hours to train: after the first epoch --epochs is refitted to the time, and the schedule with it")
     # output
+    p.add_argument("--save-period", type=int, default=0, help="also keep epoch<N>.pt every N epochs (default: 0, never)")
     p.add_argument("--output-dir", default=None, help="where files go (default: runs/<data folder name>-<date>-<time>)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N optimizer steps, for long epochs (default: 0, only at epoch ends)")
     p.add_argument("--resume", default=None, help="continue from this last.pt, with the arguments it was started with")
@@ -106,8 +127,19 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "accum_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers is not None and args.workers < 0:
-        parser.error("--workers must be 0 or more")
+    for name in ("workers", "freeze", "patience", "save_period", "save_every_steps"):
+        if (getattr(args, name) or 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.data and args.train_csv:
+        parser.error("give --data (a folder) or --train-csv (a CSV file), not both")
+    if args.task == "multilabel" and (not args.train_csv or args.mixup_alpha or args.cutmix_alpha):
+        parser.error("--task multilabel needs --train-csv, and does not take --mixup-alpha or --cutmix-alpha")
+    if args.val_csv and not args.train_csv:
+        parser.error("--val-csv goes with --train-csv")
+    if args.time is not None and args.time <= 0:
+        parser.error("--time must be a positive number of hours")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        parser.error("--dropout must be in [0, 1)")
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
     if args.model and check_model_name(args.model):
@@ -146,14 +178,21 @@ def new_output_dir(data_name):
 
 def load_data(args, rank, local_rank, world_size, device, output_dir, log):
     """Classes, eval preprocessing and the train and val loaders; fills in the defaults that depend on the images."""
-    if args.data is None:
+    if args.data is None and args.train_csv is None:
         if local_rank == 0:
             log(f"data: no --data given: training on generated shapes in {SHAPES_DIR} (written once)")
             data.make_shapes_dataset(SHAPES_DIR)
         if world_size > 1:
             torch.distributed.barrier()  # the other processes wait for the files
         args.data = SHAPES_DIR
-    classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log, args.strict)
+    wanted, ignore = data.parse_class_list(args.classes), data.parse_class_list(args.ignore_classes) or []
+    if args.train_csv:
+        classes, train_samples, val_samples = data.load_csv_samples(
+            args.train_csv, args.val_csv, args.image_column, args.label_column, args.label_delimiter,
+            args.val_fraction, args.seed, log, args.strict, wanted, ignore, args.task == "multilabel")
+    else:
+        classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log,
+                                                                args.strict, wanted, ignore)
     if args.img_size is None:
         args.img_size = data.infer_img_size([path for path, _ in train_samples])
         log(f"data: image size {args.img_size} px, from the median short side of the training images (--img-size)")
@@ -168,7 +207,8 @@ def load_data(args, rank, local_rank, world_size, device, output_dir, log):
                                                   world_size, device, output_dir, log)
     else:
         train_set = data.ImageDataset(train_samples, data.train_transform(
-            args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase), args.seed, args.strict)
+            args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase, padding=args.crop_padding),
+        args.seed, args.strict)
         val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess), strict=args.strict)
         train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank, world_size)
         val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
@@ -198,8 +238,9 @@ def decide_cache(args, n_images, side, log):
 def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_rank, world_size, device, output_dir, log):
     """Decodes the images once into memory-mapped files (local rank 0 decodes, the other processes wait and
     share its files), then batches from them, augmented on the device."""
-    folder = Path(args.data) / ".cache"
-    if not os.access(Path(args.data), os.W_OK):
+    source = Path(args.data) if args.data else Path(args.train_csv).parent
+    folder = source / ".cache"
+    if not os.access(source, os.W_OK):
         folder = Path(output_dir or ".") / "cache"
     padded = args.train_crop == "padded"
     side = args.img_size if padded else preprocess["resize_size"]  # resized crops zoom into a margin
@@ -214,7 +255,7 @@ def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_ran
     log(f"data: decoded images cached in {folder} ({train_array.nbytes / 2**20:.0f} + {val_array.nbytes / 2**20:.0f}"
         f" MiB, reused while the files are unchanged); augmented in batches on {device}")
     if padded:
-        augment = partial(data.translate_flip, pad=args.img_size // 8)
+        augment = partial(data.translate_flip, pad=args.img_size // 8 if args.crop_padding is None else args.crop_padding)
     else:
         augment = partial(data.resized_crop_flip, size=args.img_size, min_scale=args.min_scale)
     train_targets = [target for _, target in train_samples]
@@ -299,6 +340,7 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
     the loop itself never waits for the device."""
     args, device, log = run["args"], run["device"], run["log"]
     model.train()
+    keep_frozen_in_eval(run["frozen"])
     steps_per_epoch = len(loader) // args.accum_steps
     done = step - epoch * steps_per_epoch  # steps of this epoch already taken before a resume
     # the order is a function of (seed, epoch): skipping the batches already seen gives the remaining ones
@@ -338,7 +380,7 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
         bad_steps += ~finite
         bad_run = (bad_run + 1) * ~finite
         loss_sum += torch.where(finite, loss.detach(), 0.0) * len(labels)
-        hits += (logits.detach().argmax(1) == labels).sum()
+        hits += count_hits(logits.detach(), labels)
         seen += len(labels)
         if update:
             optimizer_step(model, optimizer, scaler, args.clip_grad_norm)
@@ -367,6 +409,13 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
                   "train_top1": 100 * hits_total / seen_total, "seconds": seconds, "images_per_s": seen_total / seconds}
 
 
+def count_hits(logits, labels):
+    """Right answers: the top-1 class; for multilabel (multi-hot labels), every label decision of an image."""
+    if labels.ndim == 1:
+        return (logits.argmax(1) == labels).sum()
+    return ((logits > 0) == (labels > 0.5)).all(1).sum()
+
+
 def check_flags(run, step, bad_run, force=False):
     """True once SIGTERM or Ctrl-C came; stops the run with an error once the loss has not been finite for
     MAX_BAD_STEPS steps in a row. Reading the device is a sync point, and all processes must agree on the
@@ -382,6 +431,19 @@ def check_flags(run, step, bad_run, force=False):
                          f"the run diverged and stops without saving, so last.pt keeps the last good epoch. Try a "
                          f"lower --lr (now {args.lr:g}), --clip-grad-norm 1, or --amp off (now {args.amp})")
     return stop > 0
+
+
+def end_early(args, run, epochs_done, best_epoch, epoch_seconds, log):
+    """--patience: the run ends when val top-1 has not improved for that many epochs. --time: after the first
+    epoch, the number of epochs is refitted to the hours given, and the lr schedule with it. Either way the
+    new args.epochs is saved in the checkpoint, so a resume sees where the run ends."""
+    if args.patience and epochs_done - best_epoch >= args.patience and epochs_done < args.epochs:
+        log(f"stopping early: val top-1 has not improved for {args.patience} epochs (best at epoch {best_epoch}, --patience)")
+        args.epochs = epochs_done
+    if args.time and epochs_done == 1:
+        args.epochs = max(1, int(args.time * 3600 / epoch_seconds))
+        run["total_steps"] = args.epochs * run["steps_per_epoch"]
+        log(f"--time {args.time:g} h: {epoch_seconds:.0f} s per epoch, so {args.epochs} epochs; the schedule follows")
 
 
 def exit_for_resume(where, output_dir, log):
@@ -419,7 +481,7 @@ class Progress:
 # -----------------------------------------------------------------------------
 # checkpoints and results
 
-def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_top1, metrics):
+def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_score, metrics):
     """Everything needed to continue the run or to use the model alone. No RNG state is needed:
     every random draw is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index)."""
     return {
@@ -429,7 +491,7 @@ def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_top1, m
         "scaler": scaler.state_dict(),
         "epoch": epoch,  # epochs completed
         "step": step,  # optimizer steps completed
-        "best_top1": best_top1,
+        "best_score": best_score,
         "metrics": metrics,
         "world_size": run["world_size"],
         "args": vars(run["args"]),
@@ -439,21 +501,21 @@ def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_top1, m
     }
 
 
-def trim_results(path, epochs):
+def trim_results(path, epochs, columns):
     """Keeps the rows of the first `epochs` epochs: a resumed run rewrites what came after its checkpoint."""
     if path.exists():
         with open(path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= epochs]
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, RESULTS_COLUMNS)
+            writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(rows)
 
 
-def append_results(path, row):
+def append_results(path, row, columns):
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, RESULTS_COLUMNS)
+        writer = csv.DictWriter(f, columns)
         if new:
             writer.writeheader()
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -484,7 +546,8 @@ def main(argv=None):
 
     # output folder and log: rank 0 writes, the others stay quiet
     if rank == 0 and args.output_dir is None:
-        args.output_dir = str(new_output_dir(Path(args.data or SHAPES_DIR).resolve().name))
+        name = Path(args.train_csv).stem if args.train_csv else Path(args.data or SHAPES_DIR).resolve().name
+        args.output_dir = str(new_output_dir(name))
     output_dir = Path(args.output_dir) if args.output_dir else None
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -505,6 +568,9 @@ def main(argv=None):
     # model
     utils.seed_everything(args.seed)  # the same initial weights in every process
     model = build_model(args.model, len(classes), args.pretrained, args.weights, log)
+    frozen = freeze(model, -1 if args.freeze_backbone else args.freeze, log) if args.freeze or args.freeze_backbone else []
+    if args.dropout is not None:
+        set_head_dropout(model, args.dropout)
     if args.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
@@ -520,60 +586,75 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.task == "single" else nn.BCEWithLogitsLoss()
     mix = make_mix(args, len(classes))
 
-    start_epoch, step, best_top1 = 0, 0, -1.0
+    start_epoch, step, best_score, best_epoch = 0, 0, -1.0, 0
     if checkpoint is not None:
         raw_model.load_state_dict(checkpoint["model"])
         if ema_model is not None:
             ema_model.load_state_dict(checkpoint["model_ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        step, best_top1 = checkpoint["step"], checkpoint["best_top1"]
+        step, best_score, best_epoch = checkpoint["step"], checkpoint["best_score"], checkpoint.get("best_epoch", 0)
     steps_per_epoch = len(train_loader) // args.accum_steps
     start_epoch = step // steps_per_epoch  # a run stopped mid-epoch goes on inside that epoch
     if checkpoint is not None:
         log(f"resumed at epoch {start_epoch}/{args.epochs} step {step - start_epoch * steps_per_epoch}/"
-            f"{steps_per_epoch}, best val top-1 so far {best_top1:.2f}%")
+            f"{steps_per_epoch}, best val score so far {best_score:.2f}%")
 
     def save_last(epochs_done, step, metrics=None, is_best=False):
         if rank == 0:
-            ckpt = make_checkpoint(run, optimizer, scaler, ema_model, epochs_done, step, best_top1, metrics)
+            ckpt = make_checkpoint(run, optimizer, scaler, ema_model, epochs_done, step, best_score, metrics)
+            ckpt["best_epoch"] = best_epoch
             if is_best:  # best.pt before last.pt: last.pt never records a best that best.pt lacks
                 utils.save_checkpoint(ckpt, output_dir / "best.pt")
+            if metrics is not None and args.save_period and epochs_done % args.save_period == 0:
+                utils.save_checkpoint(ckpt, output_dir / f"epoch{epochs_done}.pt")
             utils.save_checkpoint(ckpt, output_dir / "last.pt")
 
     run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model,
            "classes": classes, "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
            "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "steps_per_epoch": steps_per_epoch,
-           "normalize": data.make_normalize(preprocess, device, args.channels_last), "stop": stop, "save_last": save_last}
+           "normalize": data.make_normalize(preprocess, device, args.channels_last), "frozen": frozen, "stop": stop, "save_last": save_last}
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
-        trim_results(output_dir / "results.csv", start_epoch)
+        trim_results(output_dir / "results.csv", start_epoch, RESULTS_COLUMNS[args.task])
 
-    # the loop
-    for epoch in range(start_epoch, args.epochs):
+    # the loop (`while`, not `for`: --time and --patience change args.epochs on the way)
+    started, epoch = time.perf_counter(), start_epoch
+    while epoch < args.epochs:
         step, stats = train_one_epoch(model, ema_model, train_loader, optimizer, scaler, criterion, mix, epoch, step, run)
         if stats is None:
             exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}", output_dir, log)
         eval_model = ema_model if ema_model is not None else model
-        metrics = evaluate(eval_model, val_loader, device, len(classes), preprocess, args.amp, args.channels_last,
-                           tta=args.tta)
-        is_best = metrics["top1"] > best_top1  # strictly better: a tie never replaces the best
-        best_top1 = max(best_top1, metrics["top1"])
+        metrics = EVALUATE[args.task](eval_model, val_loader, device, len(classes), preprocess, args.amp,
+                                      args.channels_last, tta=args.tta)
+        # best.pt: by val top-1, or micro F1 for multilabel; strictly better, so a tie never replaces the best
+        is_best = metrics["score"] > best_score
+        best_score, best_epoch = (metrics["score"], epoch + 1) if is_best else (best_score, best_epoch)
         log(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f} top-1 {stats['train_top1']:.2f}%  "
-            f"val loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% top-{metrics['k']} {metrics['topk']:.2f}%  "
+            f"val loss {metrics['loss']:.4f} {metrics['summary']}  "
             f"{stats['seconds']:.1f}s  {stats['images_per_s']:.0f} img/s" + ("  * best" if is_best else ""))
         if rank == 0:  # the row first: a resume from the previous last.pt trims it away again
             append_results(output_dir / "results.csv", {
                 "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
-                "val_loss": metrics["loss"], "val_top1": metrics["top1"], "val_top5": metrics["topk"],
-                "seconds": stats["seconds"], "images_per_s": stats["images_per_s"]})
+                "val_loss": metrics["loss"], **metrics["columns"], "seconds": stats["seconds"],
+                "images_per_s": stats["images_per_s"]}, RESULTS_COLUMNS[args.task])
+        end_early(args, run, epoch + 1, best_epoch, (time.perf_counter() - started) / (epoch + 1 - start_epoch), log)
         save_last(epoch + 1, step, metrics, is_best)
         if epoch + 1 < args.epochs and check_flags(run, 0, torch.zeros((), device=device)):
             exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)
-    log(f"done: best val top-1 {best_top1:.2f}%; checkpoints, results.csv and train.log in {output_dir}")
+        epoch += 1
+    if rank == 0:
+        with open(output_dir / "results.csv", newline="") as f:
+            utils.plot_results(list(csv.DictReader(f)), output_dir / "results.png",
+                               "val_top1" if args.task == "single" else "val_f1")
+        if args.task == "single":
+            utils.plot_confusion(utils.load_checkpoint(output_dir / "best.pt")["metrics"]["confusion"], classes,
+                                 output_dir / "confusion_matrix.png")
+    log(f"done: best val {'top-1' if args.task == 'single' else 'F1'} {best_score:.2f}% (epoch {best_epoch}); checkpoints, results.csv, results.png, "
+        f"confusion_matrix.png and train.log in {output_dir}")
     utils.cleanup_distributed()
 
 

@@ -59,6 +59,15 @@ def all_reduce_max(tensor):
     return tensor
 
 
+def all_gather_cat(tensor):
+    """The rows of a CPU tensor from every process, concatenated in rank order (itself on one process)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor)
+    return torch.cat(parts)
+
+
 # -----------------------------------------------------------------------------
 # seeding: every random draw of a run is a function of (seed, step, rank), so a resumed run
 # needs no saved RNG state to repeat the same draws
@@ -160,3 +169,86 @@ def format_table(rows, header):
 
 def stderr(message):
     print(message, file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# plots, drawn with Pillow alone: training curves and the confusion matrix
+
+COLORS = {"train": (31, 119, 180), "val": (255, 127, 14)}
+
+
+def plot_results(rows, path, val_score="val_top1"):
+    """results.png: loss, and top-1 (val: `val_score`, F1 for multilabel) per epoch, train and val, from
+    results.csv's rows (dicts of strings)."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (1000, 420), "white")
+    draw = ImageDraw.Draw(image)
+    epochs = [int(row["epoch"]) for row in rows]
+    title = "top-1 (%)" if val_score == "val_top1" else f"train: all labels right; val: {val_score[4:]} (%)"
+    panels = [("loss", "train_loss", "val_loss"), (title, "train_top1", val_score)]
+    for i, (title, train_key, val_key) in enumerate(panels):
+        series = [("train", [float(row[train_key]) for row in rows]), ("val", [float(row[val_key]) for row in rows])]
+        line_chart(draw, (80 + 500 * i, 40, 460 + 500 * i, 370), epochs, series, title)
+    image.save(path)
+
+
+def line_chart(draw, box, xs, series, title):
+    from PIL import ImageFont
+    font = ImageFont.load_default(size=13)
+    left, top, right, bottom = box
+    values = [y for _, ys in series for y in ys if np.isfinite(y)] or [0.0]
+    low, high = min(values), max(values)
+    low, high = low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1)
+
+    def point(x, y):
+        return (left + (x - xs[0]) / max(xs[-1] - xs[0], 1) * (right - left),
+                bottom - (y - low) / (high - low) * (bottom - top))
+    draw.rectangle(box, outline="black")
+    draw.text(((left + right) / 2, top - 10), title, fill="black", font=font, anchor="md")
+    for k in range(6):
+        y = low + (high - low) * k / 5
+        draw.line([(left - 4, point(xs[0], y)[1]), (left, point(xs[0], y)[1])], fill="black")
+        draw.text((left - 7, point(xs[0], y)[1]), f"{y:.3g}", fill="black", font=font, anchor="rm")
+    for x in xs[::max(1, len(xs) // 10)]:
+        draw.line([(point(x, low)[0], bottom), (point(x, low)[0], bottom + 4)], fill="black")
+        draw.text((point(x, low)[0], bottom + 7), str(x), fill="black", font=font, anchor="mt")
+    draw.text(((left + right) / 2, bottom + 26), "epoch", fill="black", font=font, anchor="mt")
+    for i, (name, ys) in enumerate(series):
+        points = [point(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=COLORS[name], width=2)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=COLORS[name])
+        draw.text((left + 10, top + 10 + 18 * i), f"— {name}", fill=COLORS[name], font=font)
+
+
+def plot_confusion(confusion, classes, path):
+    """confusion_matrix.png: each row (true class) normalised to sum to 1, white to dark blue, class names on
+    both axes; values written in the cells when they are large enough to hold them (up to ~30 classes)."""
+    from PIL import Image, ImageDraw, ImageFont
+    n = len(classes)
+    cell = max(12, min(60, 1200 // n))  # 2 classes: 60 px cells; 100 classes: 12 px
+    font = ImageFont.load_default(size=min(14, cell - 2))
+    names = [name if len(name) <= 24 else name[:23] + "…" for name in classes]
+    label = 12 + max(int(font.getlength(name)) for name in names)
+    size = label + n * cell + 20
+    image = Image.new("RGB", (size, size + 30), "white")
+    draw = ImageDraw.Draw(image)
+    counts = np.asarray(confusion, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    for i in range(n):
+        for j in range(n):
+            shade = shares[i, j]
+            color = tuple(int(255 - shade * (255 - c)) for c in (8, 48, 107))
+            x, y = label + j * cell, label + i * cell
+            draw.rectangle([x, y, x + cell, y + cell], fill=color, outline=(220, 220, 220))
+            if cell >= 36:
+                draw.text((x + cell / 2, y + cell / 2), f"{shade:.2f}", font=font, anchor="mm",
+                          fill="white" if shade > 0.5 else "black")
+        draw.text((label - 6, label + i * cell + cell / 2), names[i], fill="black", font=font, anchor="rm")
+        column = Image.new("RGB", (label, cell), "white")  # column names: drawn sideways, then turned
+        ImageDraw.Draw(column).text((label - 6, cell / 2), names[i], fill="black", font=font, anchor="rm")
+        image.paste(column.rotate(-90, expand=True), (label + i * cell, 0))
+    draw.text((label + n * cell / 2, size + 8), "predicted (columns) / true (rows), each row normalised",
+              fill="black", font=ImageFont.load_default(size=13), anchor="mt")
+    image.save(path)

@@ -8,6 +8,7 @@
   (2) pil    train.py --no-cache: per-image PIL decoding and augmentation in loader processes
   (3) cache  train.py --cache: decoded once into a memory-mapped file, augmented in batches on the device
   (4) naive  torchvision ImageFolder + DataLoader + PIL transforms, fp32, as a first script would be written
+  cache-ddp  (3) as two processes under torchrun (for its memory: the cached file is shared, not doubled)
 
 Each runs in a process of its own; its memory is the peak of the summed PSS of its process tree (shared pages
 counted once). train.py's figure is the images/s of its last epoch (loop only, evaluation excluded).
@@ -33,7 +34,7 @@ def get_args():
     p.add_argument("-b", "--batch-size", type=int, default=256, help="batch size (default: 256)")
     p.add_argument("--train-images", type=int, default=10000, help="training images used, taken evenly from the classes (default: 10000)")
     p.add_argument("--epochs", type=int, default=2, help="train.py epochs; the last one is timed (default: 2)")
-    p.add_argument("--runs", default="bare,pil,cache,naive", help="which of bare,pil,cache,naive to run (default: all)")
+    p.add_argument("--runs", default="bare,pil,cache,naive", help="which of bare,pil,cache,naive,cache-ddp to run (default: the first four)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one in-process loop and print img/s
     return p.parse_args()
 
@@ -41,7 +42,7 @@ def get_args():
 # -----------------------------------------------------------------------------
 # the two loops that are not train.py
 
-def bare_loop(args, steps=12, warmup=3):
+def bare_loop(args, steps=30, warmup=5):
     import torch
     sys.path.insert(0, str(ROOT))
     from model import build_model
@@ -149,8 +150,9 @@ def measure(name, args, data_dir, out_dir):
         output, peak = run_measured(cmd)
         return float(output.strip().splitlines()[-1]), peak
     run_dir = out_dir / name
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(data_dir), *common, "--epochs", str(args.epochs),
-           "--cache" if name == "cache" else "--no-cache", "--output-dir", str(run_dir)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if name == "cache-ddp" else []
+    cmd = [sys.executable, *launcher, str(ROOT / "train.py"), "--data", str(data_dir), *common, "--epochs",
+           str(args.epochs), "--no-cache" if name == "pil" else "--cache", "--output-dir", str(run_dir)]
     output, peak = run_measured(cmd)
     with open(run_dir / "results.csv") as f:
         return float(list(csv.DictReader(f))[-1]["images_per_s"]), peak

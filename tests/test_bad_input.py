@@ -62,7 +62,7 @@ def test_predict_skips_unreadable_files(trained_run, tmp_path):
     (lambda root: None, "does not exist"),
     (lambda root: (root / "train").mkdir(parents=True), "has no class folders"),
     (lambda root: root.mkdir(), "has no train/ folder"),
-    (lambda root: [(root / "train" / c).mkdir(parents=True) for c in ("a", "b")], "class folder(s) with no images in"),
+    (lambda root: [(root / "train" / c).mkdir(parents=True) for c in ("a", "b")], "class(es) with no images in"),
 ])
 def test_bad_dataset_folders(make, message, tmp_path):
     root = tmp_path / "ds"

@@ -30,13 +30,13 @@ def test_training_writes_every_output(trained_run, image_folder):
     assert {"last.pt", "best.pt", "results.csv", "args.json", "train.log"} <= {p.name for p in out.iterdir()}
     rows = read_results(out)
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert list(rows[0]) == train.RESULTS_COLUMNS
+    assert list(rows[0]) == train.RESULTS_COLUMNS["single"]
     assert all(math.isfinite(float(r["train_loss"])) and float(r["images_per_s"]) > 0 for r in rows)
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["classes"] == ["circle", "square", "triangle"]
     assert checkpoint["preprocess"]["img_size"] == 32 and checkpoint["args"]["epochs"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
-    assert {"optimizer", "scaler", "step", "best_top1"} <= set(checkpoint)
+    assert {"optimizer", "scaler", "step", "best_score"} <= set(checkpoint)
     assert json.loads((out / "args.json").read_text())["model"] == "smallnet_tiny"
     log = (out / "train.log").read_text()
     assert "image size 32 px" in log and "step 6/6" in log and "img/s" in log and "eta" in log

@@ -1,0 +1,99 @@
+"""Export a checkpoint to a file that runs without this code: TorchScript or ONNX.
+
+    python export.py --ckpt runs/exp/best.pt                         # runs/exp/best.torchscript + best.json
+    python export.py --ckpt runs/exp/best.pt --format onnx --dynamic-batch   # needs: pip install onnx onnxscript
+    python predict.py img.jpg --ckpt runs/exp/best.torchscript       # predict.py runs a TorchScript export too
+
+The exported model takes a normalised float batch [N, 3, H, W] and returns logits. Beside it, <name>.json holds
+what is needed to use it: the class names and the preprocessing (resize the short side to resize_size,
+center-crop img_size, scale to 0..1, subtract mean, divide by std). The export is checked: its outputs on
+a sample batch are compared with PyTorch's and the largest difference is printed.
+"""
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+import utils
+from model import model_from_checkpoint
+
+TOLERANCE = {False: 1e-3, True: 5e-2}  # largest logit difference accepted for fp32 and for --half
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"], help="(default: torchscript)")
+    parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (for GPUs; CPUs run fp16 slowly)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (TorchScript always accepts any)")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch of the sample used to export and check (default: 2)")
+    parser.add_argument("--device", default="cpu", help="where to export and check (default: cpu)")
+    parser.add_argument("--output", default=None, help="output file (default: beside the checkpoint, .torchscript or .onnx)")
+    return parser
+
+
+def export_torchscript(model, sample, path):
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, but it is what runs everywhere
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, sample)
+        traced.save(str(path))
+        loaded = torch.jit.load(str(path), map_location=sample.device)
+    return lambda x: loaded(x)
+
+
+def export_onnx(model, sample, path, dynamic_batch):
+    try:
+        import onnx  # noqa: F401  torch.onnx needs both
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"error: --format onnx needs the onnx and onnxscript packages ({e}): pip install onnx onnxscript")
+    dynamic = {"images": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    torch.onnx.export(model, (sample,), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_shapes=dynamic, dynamo=True)
+    try:
+        import onnxruntime
+    except ImportError:
+        print("note: onnxruntime is not installed, so the ONNX file is checked with onnx.checker only")
+        import onnx
+        onnx.checker.check_model(str(path))
+        return None
+    session = onnxruntime.InferenceSession(str(path))
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.cpu().numpy()})[0])
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    checkpoint = utils.load_checkpoint(args.ckpt)
+    device = torch.device(args.device)
+    dtype = torch.float16 if args.half else torch.float32
+    model = model_from_checkpoint(checkpoint).to(device, dtype)
+    size = checkpoint["preprocess"]["img_size"]
+    sample = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
+    suffix = ".torchscript" if args.format == "torchscript" else ".onnx"
+    path = Path(args.output or Path(args.ckpt).with_suffix(suffix))
+
+    with torch.inference_mode():
+        expected = model(sample).float().cpu()
+    if args.format == "torchscript":
+        run_exported = export_torchscript(model, sample, path)
+    else:
+        run_exported = export_onnx(model, sample, path, args.dynamic_batch)
+    meta = {"classes": checkpoint["classes"], "preprocess": checkpoint["preprocess"], "model_name": checkpoint["model_name"],
+            "multilabel": checkpoint["args"].get("task") == "multilabel",
+            "input": f"float{16 if args.half else 32} [N, 3, {size}, {size}], normalised", "output": "logits [N, classes]"}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+
+    if run_exported is not None:
+        with torch.inference_mode():
+            difference = (run_exported(sample).float().cpu() - expected).abs().max().item()
+        print(f"exported {path}: largest difference from PyTorch on a sample batch {difference:.2e}")
+        if difference > TOLERANCE[args.half]:
+            raise SystemExit(f"error: the export differs from PyTorch by {difference:.2e} (> {TOLERANCE[args.half]})")
+    print(f"wrote {path} and {path.with_suffix('.json')} (classes and preprocessing)")
+    return path
+
+
+if __name__ == "__main__":
+    main()

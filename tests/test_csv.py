@@ -1,0 +1,139 @@
+"""CSV datasets and explicit class lists."""
+import csv
+import json
+
+import pytest
+import torch
+
+import data
+from conftest import run_script, write_image_folder
+
+
+def write_csv(path, rows, header=("image", "label")):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def csv_dataset(tmp_path_factory):
+    """The image folder's files listed in CSVs at its root, with relative paths and class names."""
+    root = write_image_folder(tmp_path_factory.mktemp("csvdata"))
+    for split in ("train", "val"):
+        rows = [(str(p.relative_to(root)), p.parent.name) for p in sorted((root / split).rglob("*.*g"))]
+        write_csv(root / f"{split}.csv", rows)
+    return root
+
+
+def test_train_and_evaluate_from_csv(csv_dataset, tmp_path):
+    out = tmp_path / "run"
+    run_script("train.py", "--train-csv", csv_dataset / "train.csv", "--val-csv", csv_dataset / "val.csv",
+               "--epochs", 1, "--model", "smallnet_tiny", "-b", 8, "--workers", 0, "--output-dir", out)
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    assert checkpoint["classes"] == ["circle", "square", "triangle"]
+    run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", csv_dataset / "val.csv", "--json", tmp_path / "m.json")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["count"] == 18 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
+
+
+def test_csv_integer_ids_and_class_list(csv_dataset, tmp_path):
+    names = ["circle", "square", "triangle"]
+    rows = [(str(csv_dataset / p), names.index(label)) for p, label in
+            csv.reader(open(csv_dataset / "train.csv")) if label != "label"]
+    write_csv(tmp_path / "ids.csv", rows)  # absolute paths, integer labels
+    classes, train, val = data.load_csv_samples(tmp_path / "ids.csv", log=lambda *_: None)
+    assert classes == ["0", "1", "2"] and len(train) + len(val) == 48
+    classes, train, _ = data.load_csv_samples(tmp_path / "ids.csv", wanted=names, log=lambda *_: None)
+    assert classes == names and {t for _, t in train} == {0, 1, 2}
+
+
+def test_csv_path_leaving_its_folder_is_refused(csv_dataset, tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    image = next((csv_dataset / "train" / "circle").iterdir())
+    (inner / "link.jpg").symlink_to(image)  # a symlink out of the folder
+    for bad in ("../outside.jpg", "link.jpg"):
+        write_csv(inner / "bad.csv", [("ok.jpg", "a"), (bad, "b")])
+        with pytest.raises(SystemExit, match=r"bad.csv line 3: .* leads outside"):
+            data.read_csv_samples(inner / "bad.csv")
+    write_csv(inner / "cols.csv", [("x.jpg", "a")], header=("file", "label"))
+    with pytest.raises(SystemExit, match="no column 'image'.*--image-column"):
+        data.read_csv_samples(inner / "cols.csv")
+
+
+def test_classes_fix_the_order_and_ignore_classes_drops(tmp_path):
+    root = write_image_folder(tmp_path / "ds", classes=("cat", "car", "dog"), n_train=3, n_val=1)
+    classes, train, val = data.load_samples(root, wanted=["dog", "cat", "car"], log=lambda *_: None)
+    assert classes == ["dog", "cat", "car"]
+    assert all(f"/{classes[t]}/" in p for p, t in train + val)  # indices follow the given order
+    classes, train, val = data.load_samples(root, ignore=["car"], log=lambda *_: None)
+    assert classes == ["cat", "dog"] and not any("/car/" in p for p, _ in train + val)
+    with pytest.raises(SystemExit, match="does not list: dog"):
+        data.load_samples(root, wanted=["cat", "car"], log=lambda *_: None)
+    with pytest.raises(SystemExit, match="--classes names bird"):
+        data.load_samples(root, wanted=["cat", "car", "dog", "bird"], log=lambda *_: None)
+    (tmp_path / "classes.txt").write_text("car\ncat\n")
+    assert data.parse_class_list(str(tmp_path / "classes.txt")) == ["car", "cat"]
+    assert data.parse_class_list("a, b,c") == ["a", "b", "c"]
+
+
+# -----------------------------------------------------------------------------
+# multilabel
+
+@pytest.fixture(scope="module")
+def multilabel_csv(tmp_path_factory):
+    """Images of one or two shapes; the label cell lists the shapes, separated by ';'."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path_factory.mktemp("multilabel")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    names = ["circle", "square", "triangle"]
+    for split, count in (("train", 48), ("val", 12)):
+        rows = []
+        for i in range(count):
+            chosen = sorted(set(rng.choice(names, size=int(rng.integers(1, 3)))))
+            canvas = Image.new("RGB", (64, 64))
+            for k, name in enumerate(chosen):  # top left, and bottom right
+                canvas.paste(data.draw_shape(name, rng).resize((32, 32)), (32 * k, 32 * k))
+            canvas.save(root / "images" / f"{split}{i:03d}.png")
+            rows.append((f"images/{split}{i:03d}.png", ";".join(chosen)))
+        write_csv(root / f"{split}.csv", rows)
+    return root
+
+
+def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path):
+    out = tmp_path / "ml"
+    result = run_script("train.py", "--train-csv", multilabel_csv / "train.csv", "--val-csv", multilabel_csv / "val.csv",
+                        "--task", "multilabel", "--label-delimiter", ";", "--img-size", 32, "--epochs", 2,
+                        "--model", "smallnet_tiny", "-b", 8, "--workers", 0, "--output-dir", out)
+    assert "F1" in result.stdout and "mAP" in result.stdout
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"val_f1", "val_macro_f1", "val_map"} <= set(rows[0]) and len(rows) == 2
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["best_score"] == pytest.approx(max(float(r["val_f1"]) for r in rows), abs=1e-3)
+    assert best["best_score"] == best["metrics"]["f1"]
+    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "val.csv",
+                           "--json", tmp_path / "m.json")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["count"] == 12 and metrics["f1"] == pytest.approx(best["metrics"]["f1"], abs=1e-3)
+    assert "precision" in evaluated.stdout and "recall" in evaluated.stdout
+    predicted = json.loads(run_script("predict.py", multilabel_csv / "images", "--ckpt", out / "best.pt",
+                                      "--threshold", 0.3, "--json").stdout)
+    assert len(predicted) == 60
+    assert all(p["probability"] >= 0.3 for r in predicted for p in r["predictions"])
+    assert any(len(r["predictions"]) != 1 for r in predicted)  # a set of labels, not a top-k list
+
+
+def test_multilabel_metrics_on_known_scores():
+    import evaluate
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.2, 0.6], [0.1, 0.3]])
+    truth = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.bool)
+    ap = evaluate.average_precision(scores, truth)
+    # class 0 ranks 0.9 (+), 0.8 (-), 0.2 (+): AP = (1/1 + 2/3) / 2; class 1 ranks 0.7 (+), 0.6 (+): AP = 1
+    assert ap.tolist() == pytest.approx([(1 + 2 / 3) / 2, 1.0])
+    multi_hot = data.index_labels([("a.jpg", ["y", "x"])], ["x", "y", "z"], "t.csv", multilabel=True)[0][1]
+    assert multi_hot.tolist() == [1.0, 1.0, 0.0]

@@ -1,0 +1,49 @@
+"""export.py: a TorchScript file that runs without our code and agrees with the checkpoint."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_script
+
+
+def test_torchscript_round_trip_without_our_code(trained_run, image_folder, tmp_path):
+    run_dir, _ = trained_run
+    result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--output", tmp_path / "model.torchscript")
+    assert "largest difference from PyTorch on a sample batch" in result.stdout
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["classes"] == ["circle", "square", "triangle"] and meta["preprocess"]["img_size"] == 32
+    # a fresh interpreter in another folder, with torch, torchvision and PIL only: our modules cannot be imported
+    images = sorted(str(p) for p in (image_folder / "val").rglob("*.*g"))
+    standalone = f"""
+import json, sys, torch
+from PIL import Image
+from torchvision.transforms import v2
+assert "data" not in sys.modules
+meta = json.load(open({str(tmp_path / 'model.json')!r}))
+p = meta["preprocess"]
+transform = v2.Compose([v2.Resize(p["resize_size"]), v2.CenterCrop(p["img_size"]), v2.ToImage(),
+                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(p["mean"], p["std"])])
+model = torch.jit.load({str(tmp_path / 'model.torchscript')!r})
+batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in {images!r}])
+print(json.dumps([meta["classes"][i] for i in model(batch).argmax(1).tolist()]))
+"""
+    out = subprocess.run([sys.executable, "-c", standalone], capture_output=True, text=True, cwd=tmp_path, check=True)
+    exported = json.loads(out.stdout)
+    predicted = json.loads(run_script("predict.py", *images, "--ckpt", run_dir / "best.pt", "--json").stdout)
+    assert exported == [r["predictions"][0]["class"] for r in predicted]  # the same top-1, image by image
+    from_export = json.loads(run_script("predict.py", *images, "--ckpt", tmp_path / "model.torchscript", "--json").stdout)
+    assert [r["predictions"][0]["class"] for r in from_export] == exported
+
+
+def test_onnx_without_its_packages_names_them(trained_run, tmp_path):
+    try:
+        import onnx  # noqa: F401
+        pytest.skip("onnx is installed here")
+    except ImportError:
+        pass
+    run_dir, _ = trained_run
+    result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--format", "onnx", "--output", tmp_path / "m.onnx",
+                        check=False)
+    assert result.returncode != 0 and "pip install onnx onnxscript" in result.stderr

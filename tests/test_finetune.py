@@ -1,0 +1,102 @@
+"""Fine-tuning controls and training plots: --weights of our runs, --freeze, --dropout, --patience, --time,
+--save-period, results.png and confusion_matrix.png."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as models
+import utils
+from conftest import run_script, write_image_folder
+
+TINY = ["--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
+
+
+def test_freeze_backbone_trains_only_the_head(trained_run, tmp_path):
+    """Fine-tune our own best.pt on data with other classes: a new head, the rest frozen, BatchNorm statistics too."""
+    run_dir, _ = trained_run
+    other = write_image_folder(tmp_path / "other", classes=("ring", "star"))
+    out = tmp_path / "ft"
+    result = run_script("train.py", "--data", other, "--epochs", 1, *TINY, "--weights", run_dir / "best.pt",
+                        "--freeze-backbone", "--output-dir", out)
+    assert "froze 4 of 5 stages; training fc" in result.stdout
+    assert "dropped 2 tensor(s) of another shape" in result.stdout  # the 3-class head
+    before = torch.load(run_dir / "best.pt", weights_only=True)["model"]
+    after = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("fc."))  # weights and BN stats
+    assert after["fc.weight"].shape[0] == 2
+
+
+def test_freeze_first_stages(image_folder, tmp_path):
+    net = models.build_model("resnet18", 3, log=lambda *_: None)
+    messages = []
+    frozen = models.freeze(net, 3, messages.append)
+    assert "froze 3 of 7 stages; training layer2, layer3, layer4, fc" in messages[0]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for p in net.layer2.parameters())
+    net.train()
+    models.keep_frozen_in_eval(frozen)
+    assert not net.bn1.training and net.layer2[0].bn1.training
+
+
+def test_dropout_applies_in_training_only_and_keeps_the_state_dict(tmp_path):
+    net = models.build_model("smallnet_tiny", 3, log=lambda *_: None)
+    keys = set(net.state_dict())
+    models.set_head_dropout(net, 0.9)
+    assert set(net.state_dict()) == keys
+    x = torch.rand(4, 3, 32, 32)
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    net.train()
+    torch.manual_seed(0)
+    a = net(x)
+    assert not torch.equal(a, net(x))
+
+
+def test_patience_stops_and_the_run_counts_as_finished(image_folder, tmp_path):
+    out = tmp_path / "patient"
+    result = run_script("train.py", "--data", image_folder, "--epochs", 30, *TINY, "--lr", "1e-9",
+                        "--patience", 2, "--save-period", 2, "--output-dir", out)
+    assert "stopping early: val top-1 has not improved for 2 epochs" in result.stdout
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] < 30 and checkpoint["epoch"] - checkpoint["best_epoch"] == 2
+    assert (out / "epoch2.pt").exists() and not (out / "epoch1.pt").exists()
+    again = run_script("train.py", "--resume", out / "last.pt")
+    assert "finished run" in again.stdout
+
+
+def test_time_budget_refits_the_epochs(image_folder, tmp_path):
+    out = tmp_path / "timed"
+    result = run_script("train.py", "--data", image_folder, "--epochs", 1000, *TINY, "--time", 0.003,
+                        "--output-dir", out)  # 10.8 seconds
+    assert "--time 0.003 h:" in result.stdout
+    epochs = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= epochs < 1000
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == epochs
+
+
+def test_plots_are_written_and_legible(trained_run, image_folder, tmp_path):
+    run_dir, _ = trained_run
+    for name in ("results.png", "confusion_matrix.png"):
+        with Image.open(run_dir / name) as image:
+            assert image.width >= 200 and len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
+    run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", image_folder, "--plot", tmp_path / "cm.png")
+    assert (tmp_path / "cm.png").exists()
+
+
+@pytest.mark.parametrize("n", [2, 100])
+def test_confusion_matrix_scales_from_2_to_100_classes(tmp_path, n):
+    classes = [f"class_{i:03d}_with_a_long_name" for i in range(n)]
+    confusion = torch.eye(n, dtype=torch.int64).mul(5).tolist()
+    utils.plot_confusion(confusion, classes, tmp_path / "cm.png")
+    with Image.open(tmp_path / "cm.png") as image:
+        assert 200 <= image.width <= 2000 and image.height <= 2100
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    cell = max(12, min(60, 1200 // n))  # 2 classes: 60 px cells; 100 classes: 12 px, room for 10 px text
+    dark = (pixels == (8, 48, 107)).all(1).sum()  # a share of 1.0: the diagonal cells
+    assert n * (cell - 1) ** 2 * 0.8 <= dark <= n * (cell + 1) ** 2
+    text = ((pixels[:, 0] == pixels[:, 1]) & (pixels[:, 1] == pixels[:, 2]) & (pixels[:, 0] < 128)).sum()  # black text
+    assert text > n * 2 * 20
