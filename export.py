@@ -49,7 +49,7 @@ def export_onnx(model, sample, path, dynamic_batch):
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"error: --format onnx needs the onnx and onnxscript packages ({e}): pip install onnx onnxscript")
-    dynamic = {"images": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+    dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None  # per input: dimension 0 may vary
     torch.onnx.export(model, (sample,), str(path), input_names=["images"], output_names=["logits"],
                       dynamic_shapes=dynamic, dynamo=True)
     try:

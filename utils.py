@@ -219,7 +219,9 @@ def line_chart(draw, box, xs, series, title):
             draw.line(points, fill=COLORS[name], width=2)
         for px, py in points:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=COLORS[name])
-        draw.text((left + 10, top + 10 + 18 * i), f"— {name}", fill=COLORS[name], font=font)
+        legend_y = top + 16 + 18 * i
+        draw.line([(left + 10, legend_y), (left + 28, legend_y)], fill=COLORS[name], width=2)
+        draw.text((left + 34, legend_y), name, fill=COLORS[name], font=font, anchor="lm")
 
 
 def plot_confusion(confusion, classes, path):

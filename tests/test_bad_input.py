@@ -67,7 +67,7 @@ def test_predict_skips_unreadable_files(trained_run, tmp_path):
 def test_bad_dataset_folders(make, message, tmp_path):
     root = tmp_path / "ds"
     make(root)
-    result = run_script("train.py", "--data", root, check=False)
+    result = run_script("train.py", "--data", root, check=False, cwd=tmp_path)  # a failed run leaves its output folder in tmp
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 

@@ -1,4 +1,4 @@
-"""export.py: a TorchScript file that runs without our code and agrees with the checkpoint."""
+"""export.py: TorchScript and ONNX files that run without our code and agree with the checkpoint."""
 import json
 import subprocess
 import sys
@@ -47,3 +47,17 @@ def test_onnx_without_its_packages_names_them(trained_run, tmp_path):
     result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--format", "onnx", "--output", tmp_path / "m.onnx",
                         check=False)
     assert result.returncode != 0 and "pip install onnx onnxscript" in result.stderr
+
+
+def test_onnx_export_runs_with_any_batch(trained_run, tmp_path):
+    """Runs where the optional packages are installed (pip install onnx onnxscript onnxruntime)."""
+    for name in ("onnx", "onnxscript"):
+        pytest.importorskip(name)
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import numpy as np
+    run_dir, _ = trained_run
+    result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--format", "onnx", "--dynamic-batch",
+                        "--output", tmp_path / "m.onnx")
+    assert "largest difference from PyTorch" in result.stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    assert session.run(None, {"images": np.zeros((5, 3, 32, 32), np.float32)})[0].shape == (5, 3)
