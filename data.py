@@ -171,7 +171,7 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
     classes = select_classes(find_classes(train_dir), wanted, ignore, train_dir)
     train = check_nonempty(scan_images(list_images(train_dir, classes), strict, log), classes, train_dir)
 
-    val_dir = next((data_root / s for s in ("val", "test") if (data_root / s).is_dir()), None)
+    val_dir = find_val_dir(data_root)
     if val_dir is None:
         train, val = stratified_split(train, val_fraction, seed)
         log(f"data: no val/ or test/ folder in {data_root}: holding out {val_fraction:.0%} of each class "
@@ -182,6 +182,11 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
         val = scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
     log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
     return classes, train, val
+
+
+def find_val_dir(data_root):
+    """DATA/val, else DATA/test, else None (validation is then carved out of train/)."""
+    return next((Path(data_root) / s for s in ("val", "test") if (Path(data_root) / s).is_dir()), None)
 
 
 def check_nonempty(samples, classes, where):
@@ -290,7 +295,7 @@ def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print
         if not test_dir.is_dir():
             raise SystemExit(f"error: {data_root} has no test/ folder")
         return scan_images(check_val_classes(test_dir, classes, log, ignore), strict, log)
-    val_dir = next((Path(data_root) / s for s in ("val", "test") if (Path(data_root) / s).is_dir()), None)
+    val_dir = find_val_dir(data_root)
     if split == "val" and val_dir is not None and (Path(data_root) / "train").is_dir():  # train/'s names suffice
         data_classes = select_classes(find_classes(Path(data_root) / "train"), None, ignore)
         if data_classes == list(classes):

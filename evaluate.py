@@ -93,8 +93,9 @@ def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off
     normalize = data.make_normalize(preprocess, device, channels_last)
     scores, labels = [], []
     for images, targets in loader:
+        images = normalize(images.to(device, non_blocking=True))
         with autocast(device, amp):
-            logits = tta_logits(model, normalize(images.to(device))) if tta else model(normalize(images.to(device))).float()
+            logits = tta_logits(model, images) if tta else model(images).float()
         scores.append(logits.float())
         labels.append(targets.to(device).float())
     scores = torch.cat(scores) if scores else torch.zeros(0, num_classes, device=device)
