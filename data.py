@@ -533,29 +533,31 @@ def reflect(positions, size):
     return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
 
 
-def translate_flip(images, uniforms, pad):
+def translate_flip(images, uniforms, flips, pad):
     """The padded-crop recipe on a batch: shift each image by up to `pad` px in each direction (reflecting
-    at the borders) and flip half of them. images: [N, H, W, C] uint8 -> [N, C, H, W] (a channels_last view)."""
+    at the borders; uniforms[:, :2]) and mirror those where `flips` is True.
+    images: [N, H, W, C] uint8 -> [N, C, H, W] (a channels_last view)."""
     n, h, w, _ = images.shape
     device = images.device
     uniforms = uniforms.to(device)
     shift = (uniforms[:, :2] * (2 * pad + 1)).floor().long() - pad
     rows = reflect(torch.arange(h, device=device) + shift[:, :1], h)
     cols = torch.arange(w, device=device).expand(n, w)
-    cols = torch.where(uniforms[:, 2:3] < 0.5, w - 1 - cols, cols)
+    cols = torch.where(flips.to(device)[:, None], w - 1 - cols, cols)
     cols = reflect(cols + shift[:, 1:2], w)
     batch = torch.arange(n, device=device)[:, None, None]
     return images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
-def resized_crop_flip(images, uniforms, size, min_scale):
-    """RandomResizedCrop (area share min_scale..1, aspect 3/4..4/3) and a horizontal flip on a batch, as one
-    bilinear grid_sample. images: [N, S, S, C] uint8 -> [N, C, size, size] float in 0..255."""
+def resized_crop_flip(images, uniforms, flips, size, min_scale):
+    """RandomResizedCrop (area share min_scale..1, aspect 3/4..4/3, place: uniforms[:, :4]) and a mirror where
+    `flips` is True, on a batch, as one bilinear grid_sample. images: [N, S, S, C] uint8 -> [N, C, size, size]
+    float in 0..255."""
     uniforms = uniforms.to(images.device)
     area = min_scale + (1 - min_scale) * uniforms[:, 0]
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * uniforms[:, 1])
     width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # shares of the side
-    flip = torch.where(uniforms[:, 4] < 0.5, -1.0, 1.0)
+    flip = torch.where(flips.to(images.device), -1.0, 1.0)
     zero = torch.zeros_like(width)
     theta = torch.stack([torch.stack([width * flip, zero, (2 * uniforms[:, 2] - 1) * (1 - width)], 1),
                          torch.stack([zero, height, (2 * uniforms[:, 3] - 1) * (1 - height)], 1)], 1)
@@ -564,10 +566,18 @@ def resized_crop_flip(images, uniforms, size, min_scale):
                          align_corners=False)
 
 
+def alternating_flips(seed, epoch, indices):
+    """Which images to mirror: a random half of them in even epochs, the other half in odd ones, so that every
+    image is seen both ways in every two epochs (airbench's alternating flip: more variety than a fresh coin
+    toss each epoch, which shows some images the same way several epochs running)."""
+    first = hash_uniforms(seed_from(seed, 2**32), 0, indices, 1)[:, 0] < 0.5  # a draw of its own, fixed for the run
+    return first ^ (epoch % 2 == 1)
+
+
 class CachedLoader:
     """Batches from a cached array: rows gathered on the host (a memory copy), moved to the device, augmented
     there. Yields (images [N, C, H, W] on the device, targets) like a DataLoader, and has the same
-    `sampler` and `len()`. augment: None, or a function (images, uniforms) -> images."""
+    `sampler` and `len()`. augment: None, or a function (images, uniforms, flips) -> images."""
 
     def __init__(self, array, rows, targets, sampler, batch_size, device, augment=None, seed=0, drop_last=False):
         self.array, self.rows = array, np.asarray(rows)
@@ -591,7 +601,9 @@ class CachedLoader:
             if self.augment is None:
                 images = images.permute(0, 3, 1, 2)
             else:
-                images = self.augment(images, hash_uniforms(self.seed, batch[0][1], indices, 5))
+                epoch = batch[0][1]
+                images = self.augment(images, hash_uniforms(self.seed, epoch, indices, 4),
+                                      alternating_flips(self.seed, epoch, indices))
             yield images, self.targets[indices].to(self.device, non_blocking=True)
 
 

@@ -25,8 +25,8 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
@@ -45,6 +45,7 @@ RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of 
 }
 SHAPES_DIR = "datasets/shapes"  # where `python train.py` without --data writes its demo dataset
 MAX_BAD_STEPS = 20  # consecutive steps with a non-finite loss after which a run has diverged: stop it
+WHITEN_IMAGES = 1000  # images whose patch statistics set a whitening stem (smallnet): ~1M patches, a second
 CHECK_EVERY = 10  # steps between reads of the stop and divergence flags (a sync point; an all-reduce with DDP)
 
 
@@ -216,6 +217,16 @@ def load_data(args, rank, local_rank, world_size, device, output_dir, log):
         f"step(s) = {args.batch_size * world_size * args.accum_steps} images per update; "
         f"{0 if args.cache else args.workers} loader worker(s) per process; device {device}")
     return classes, preprocess, train_loader, val_loader
+
+
+def spread_sample(loader, n):
+    """n training images spread evenly over the dataset (whatever the process: the same in all of them), as
+    the loader gives them (uint8 NCHW; cropped and flipped at random on the per-image path)."""
+    size = len(loader.rows) if isinstance(loader, data.CachedLoader) else len(loader.dataset)
+    picks = np.linspace(0, size - 1, min(n, size)).astype(int)
+    if isinstance(loader, data.CachedLoader):
+        return torch.from_numpy(loader.array[loader.rows[picks]]).permute(0, 3, 1, 2)
+    return torch.stack([loader.dataset[i][0] for i in picks])
 
 
 def decide_cache(args, n_images, side, log):
@@ -574,6 +585,11 @@ def main(argv=None):
     if args.sync_bn and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    normalize = data.make_normalize(preprocess, device, args.channels_last)
+    if hasattr(model, "whiten_stem") and not args.weights and checkpoint is None:
+        sample = spread_sample(train_loader, WHITEN_IMAGES)
+        model.whiten_stem(normalize(sample.to(device)))
+        log(f"model: the stem's filters whiten the 2x2 patches of {len(sample)} training images (fixed, not trained)")
     ema_model = None
     if args.model_ema:
         ema_model = build_model(args.model, len(classes), log=lambda *_: None).to(device)
@@ -616,7 +632,7 @@ def main(argv=None):
     run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model,
            "classes": classes, "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
            "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "steps_per_epoch": steps_per_epoch,
-           "normalize": data.make_normalize(preprocess, device, args.channels_last), "frozen": frozen, "stop": stop, "save_last": save_last}
+           "normalize": normalize, "frozen": frozen, "stop": stop, "save_last": save_last}
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         trim_results(output_dir / "results.csv", start_epoch, RESULTS_COLUMNS[args.task])

@@ -33,6 +33,7 @@ def get_args():
     p.add_argument("--img-size", type=int, default=32, help="training image size (default: 32)")
     p.add_argument("-b", "--batch-size", type=int, default=256, help="batch size (default: 256)")
     p.add_argument("--train-images", type=int, default=10000, help="training images used, taken evenly from the classes (default: 10000)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="loader workers of (2) pil (default: train.py's choice)")
     p.add_argument("--epochs", type=int, default=2, help="train.py epochs; the last one is timed (default: 2)")
     p.add_argument("--runs", default="bare,pil,cache,naive", help="which of bare,pil,cache,naive,cache-ddp to run (default: the first four)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one in-process loop and print img/s
@@ -153,6 +154,8 @@ def measure(name, args, data_dir, out_dir):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if name == "cache-ddp" else []
     cmd = [sys.executable, *launcher, str(ROOT / "train.py"), "--data", str(data_dir), *common, "--epochs",
            str(args.epochs), "--no-cache" if name == "pil" else "--cache", "--output-dir", str(run_dir)]
+    if name == "pil" and args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
     output, peak = run_measured(cmd)
     with open(run_dir / "results.csv") as f:
         return float(list(csv.DictReader(f))[-1]["images_per_s"]), peak

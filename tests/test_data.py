@@ -222,24 +222,24 @@ def test_cache_leaves_out_files_that_do_not_decode(tmp_path):
 
 def test_batch_translation_matches_reflect_padding_and_cropping():
     images = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8)
-    uniforms = data.hash_uniforms(0, 0, np.arange(16), 5)
-    out = data.translate_flip(images, uniforms, pad=3)
+    uniforms, flips = data.hash_uniforms(0, 0, np.arange(16), 4), torch.arange(16) % 3 == 0
+    out = data.translate_flip(images, uniforms, flips, pad=3)
     assert out.shape == (16, 3, 12, 10) and out.is_contiguous(memory_format=torch.channels_last)
     padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="reflect")
-    for i, u in enumerate(uniforms):
+    for i, (u, flip) in enumerate(zip(uniforms, flips)):
         dy, dx = int(u[0] * 7) - 3, int(u[1] * 7) - 3
         expected = padded[i][:, 3 + dy:3 + dy + 12, 3 + dx:3 + dx + 10]  # the crop, then maybe a flip
-        expected = expected.flip(2) if u[2] < 0.5 else expected
+        expected = expected.flip(2) if flip else expected
         assert torch.equal(out[i].float(), expected), i
 
 
 def test_batch_resized_crop_keeps_the_whole_image_at_full_scale():
     images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
-    full = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.9], [1.0, 0.5, 0.5, 0.5, 0.1]])  # area 1, aspect 1, centred; no flip, flip
-    out = data.resized_crop_flip(images, full, 8, 0.25)
+    full = torch.tensor([[1.0, 0.5, 0.5, 0.5], [1.0, 0.5, 0.5, 0.5]])  # area 1, aspect 1, centred
+    out = data.resized_crop_flip(images, full, torch.tensor([False, True]), 8, 0.25)
     assert torch.allclose(out[0], images[0].permute(2, 0, 1).float(), atol=1e-3)
     assert torch.allclose(out[1], images[1].permute(2, 0, 1).float().flip(2), atol=1e-3)
-    zoomed = data.resized_crop_flip(images, torch.rand(2, 5), 16, 0.25)
+    zoomed = data.resized_crop_flip(images, torch.rand(2, 4), torch.rand(2) < 0.5, 16, 0.25)
     assert zoomed.shape == (2, 3, 16, 16) and zoomed.min() >= 0 and zoomed.max() <= 255
 
 
@@ -249,6 +249,9 @@ def test_batch_augmentation_depends_on_the_sample_not_the_batch():
     assert torch.equal(a[0], b[2]) and torch.equal(a[2], b[0])
     assert not torch.equal(a, data.hash_uniforms(5, 3, np.array([7, 3, 9]), 5))  # a new epoch, new draws
     assert 0 <= a.min() and a.max() < 1
+    flips = [data.alternating_flips(5, epoch, np.arange(1000)) for epoch in range(3)]
+    assert torch.equal(flips[0], ~flips[1]) and torch.equal(flips[0], flips[2])  # each image both ways in 2 epochs
+    assert 400 < flips[0].sum() < 600
 
 
 def test_cached_loaders_shard_and_batch_like_the_pil_ones(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 
+import data
 import model as model_lib
 
 
@@ -50,3 +51,35 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(torchvision.models.squeezenet1_0().state_dict(), tmp_path / "other.pth")
     with pytest.raises(ValueError, match="same architecture"):
         model_lib.build_model("smallnet_tiny", 3, weights=tmp_path / "other.pth")
+
+
+def test_whitened_stem_decorrelates_patches():
+    # images whose neighbouring pixels and channels are strongly correlated, as in photographs
+    base = torch.randn(64, 1, 17, 17).repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :32, :32]
+    images = base.repeat(1, 3, 1, 1) + 0.1 * torch.randn(64, 3, 32, 32)
+    net = model_lib.build_model("smallnet", 10)
+    assert not any(p.requires_grad for p in net.stem.parameters())  # fixed filters
+    net.whiten_stem(images)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, net.stem[0].weight)  # the stem's filters, without bias
+    channels = out.permute(1, 0, 2, 3).reshape(24, -1)
+    covariance = channels[:12] @ channels[:12].T / channels.shape[1]
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)  # unit variance, uncorrelated
+    assert torch.allclose(out[:, 12:], -out[:, :12])  # each filter with its negative
+    tiny = model_lib.build_model("smallnet_tiny", 10)
+    tiny.whiten_stem(images)  # a narrower stem keeps the 8 largest directions
+    assert tiny.stem[0].weight.shape == (16, 3, 2, 2)
+
+
+def test_training_starts_from_a_stem_whitened_on_its_images(trained_run, image_folder):
+    run_dir, result = trained_run
+    assert "stem's filters whiten the 2x2 patches of 48 training images" in result.stdout
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    preprocess = checkpoint["preprocess"]
+    transform = data.eval_transform(preprocess)
+    images = torch.stack([transform(data.load_image(p)) for p in sorted((image_folder / "train").rglob("*.*"))])
+    normalized = data.make_normalize(preprocess, torch.device("cpu"))(images)
+    out = torch.nn.functional.conv2d(normalized, checkpoint["model"]["stem.0.weight"].float())
+    channels = out.permute(1, 0, 2, 3).reshape(out.shape[1], -1)[: out.shape[1] // 2]
+    covariance = channels @ channels.T / channels.shape[1]
+    assert torch.allclose(covariance, torch.eye(len(covariance)), atol=0.1)  # what whiten_stem set, not trained away

@@ -136,7 +136,8 @@ def test_no_weight_decay_on_norms_and_biases():
     decay, no_decay = train.make_optimizer(net, args, torch.device("cpu")).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+    trainable = [p for p in net.parameters() if p.requires_grad]  # all but the fixed whitening stem
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) == len(list(net.parameters())) - 1
 
 
 RESUME_ARGS = ["--epochs", 3, *TINY, "--seed", 7, "--model-ema", "--mixup-alpha", "0.4", "--auto-augment", "ta_wide"]
