@@ -160,9 +160,14 @@ def resume_args(args):
     return argparse.Namespace(**saved), checkpoint
 
 
-def default_workers(world_size):
-    """Loader processes compete with the model for cores: leave about half the cores to compute."""
+def default_workers(world_size, device):
+    """Loader processes compete with the model for cores: leave about half the cores to compute. Training on
+    the CPU with 2 cores or fewer per process, the model's threads use them all and a loader process can only
+    take from them: loading in the training process itself is faster (resnet18, 128 px: 73.7 images/s with
+    0 workers, 67.9 with 1, bare compute 81.6)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device.type == "cpu" and cores // world_size <= 2:
+        return 0
     return max(1, min(8, cores // (2 * world_size)))
 
 
@@ -549,7 +554,7 @@ def main(argv=None):
     if args.sync_bn and world_size > 1 and device.type != "cuda":
         raise SystemExit("error: --sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop the flag")
     if args.workers is None:
-        args.workers = default_workers(world_size)
+        args.workers = default_workers(world_size, device)
     utils.set_deterministic(args.deterministic)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores: ~same accuracy, much faster matmuls
