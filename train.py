@@ -1,6 +1,6 @@
 """Train an image classifier on a folder of images.
 
-    python train.py                                     # demo: generated shapes, about 2 minutes on a 2-core CPU
+    python train.py                                     # demo: generated shapes, about 1 minute on a 2-core CPU
     python train.py --data DATA --epochs 20             # DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg
     python train.py --data DATA --model resnet50 --pretrained --lr 0.01
     python train.py --train-csv train.csv --val-csv val.csv     # columns image,label; paths relative to the CSV
