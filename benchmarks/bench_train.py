@@ -5,13 +5,15 @@
         --train-images 2000 --runs bare,pil
 
   (1) bare   forward/backward/step on one batch already in memory: the compute alone
-  (2) pil    train.py --no-cache: per-image PIL decoding and augmentation in loader processes
+  (2) pil    train.py --no-cache: per-image PIL decoding and augmentation (loader processes as train.py chooses)
   (3) cache  train.py --cache: decoded once into a memory-mapped file, augmented in batches on the device
   (4) naive  torchvision ImageFolder + DataLoader + PIL transforms, fp32, as a first script would be written
   cache-ddp  (3) as two processes under torchrun (for its memory: the cached file is shared, not doubled)
 
 Each runs in a process of its own; its memory is the peak of the summed PSS of its process tree (shared pages
-counted once). train.py's figure is the images/s of its last epoch (loop only, evaluation excluded).
+counted once), and apart the part of it that is the mapped cache files (*.npy): shared through the page cache,
+it stays the files' size however many processes read them. train.py's figure is the images/s of its last
+epoch (loop only, evaluation excluded). --device cuda times the same on a GPU (the bare loop synchronises).
 """
 import argparse
 import csv
@@ -35,6 +37,7 @@ def get_args():
     p.add_argument("--train-images", type=int, default=10000, help="training images used, taken evenly from the classes (default: 10000)")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers of (2) pil (default: train.py's choice)")
     p.add_argument("--epochs", type=int, default=2, help="train.py epochs; the last one is timed (default: 2)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu, for every run (default: the best available)")
     p.add_argument("--runs", default="bare,pil,cache,naive", help="which of bare,pil,cache,naive,cache-ddp to run (default: the first four)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one in-process loop and print img/s
     return p.parse_args()
@@ -43,26 +46,41 @@ def get_args():
 # -----------------------------------------------------------------------------
 # the two loops that are not train.py
 
-def bare_loop(args, steps=30, warmup=5):
+def bare_loop(args, device, steps=30, warmup=5):
+    """train.py's numerics (bf16 autocast, channels_last, TF32 and cudnn autotuning on CUDA, fused SGD on CUDA,
+    foreach elsewhere) on one batch that never changes: no data, no bookkeeping."""
     import torch
     sys.path.insert(0, str(ROOT))
     from model import build_model
-    model = build_model(args.model, 10, log=lambda *_: None).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, foreach=True)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size).contiguous(memory_format=torch.channels_last)
-    targets = torch.randint(0, 10, (args.batch_size,))
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = build_model(args.model, 10, log=lambda *_: None).to(device, memory_format=torch.channels_last)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, **fast)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    steps = steps * (10 if device.type == "cuda" else 1)  # GPU steps are short: more of them for a steady figure
     for i in range(warmup + steps):
         if i == warmup:
+            synchronize(device)
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(images).float(), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    synchronize(device)  # the GPU runs behind the host: wait for it before reading the clock
     return steps * args.batch_size / (time.perf_counter() - start)
 
 
-def naive_loop(args, data_dir):
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def naive_loop(args, data_dir, device):
     """What a first training script looks like: ImageFolder, PIL transforms, DataLoader(num_workers=2), fp32."""
     import torch
     from torchvision import datasets, transforms
@@ -74,17 +92,19 @@ def naive_loop(args, data_dir):
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     dataset = datasets.ImageFolder(Path(data_dir) / "train", transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True)
-    model = build_model(args.model, len(dataset.classes), log=lambda *_: None)
+    model = build_model(args.model, len(dataset.classes), log=lambda *_: None).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     seen, start = 0, None
     for i, (images, targets) in enumerate(loader):
         if i == 1:  # the first batch waits for the workers to start
             seen, start = 0, time.perf_counter()
+        images, targets = images.to(device), targets.to(device)
         loss = torch.nn.functional.cross_entropy(model(images), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         seen += len(images)
+    synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -92,7 +112,8 @@ def naive_loop(args, data_dir):
 # measuring a process tree
 
 def tree_pss_bytes(pid):
-    """Summed proportional set size of a process and its descendants (shared pages split between them)."""
+    """Summed proportional set size of a process and its descendants (shared pages split between them), in all
+    and of the mapped cache files (*.npy) alone: the second shows whether several processes double the data."""
     children = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -101,27 +122,31 @@ def tree_pss_bytes(pid):
                 children.setdefault(ppid, []).append(int(proc.name))
             except (OSError, IndexError, ValueError):
                 pass
-    total, todo = 0, [pid]
+    total, cached, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
+            in_cache_file = False
+            for line in Path(f"/proc/{p}/smaps").read_text().splitlines():
+                if not line[0].isupper():  # a mapping's header: address range, permissions, ..., path
+                    in_cache_file = line.endswith(".npy")
+                elif line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
+                    cached += int(line.split()[1]) * 1024 if in_cache_file else 0
         except OSError:
             pass
-    return total
+    return total, cached
 
 
 def run_measured(cmd):
-    """Runs cmd; returns (stdout, peak memory in bytes)."""
+    """Runs cmd; returns (stdout, (peak memory, peak memory of the mapped cache files) in bytes)."""
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0]
+    peak = [0, 0]
 
     def sample():
         while process.poll() is None:
-            peak[0] = max(peak[0], tree_pss_bytes(process.pid))
+            peak[:] = map(max, peak, tree_pss_bytes(process.pid))
             time.sleep(0.2)
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -145,7 +170,7 @@ def subset_folder(data_dir, train_images, tmp):
 
 
 def measure(name, args, data_dir, out_dir):
-    common = ["--model", args.model, "--img-size", str(args.img_size), "-b", str(args.batch_size)]
+    common = ["--model", args.model, "--img-size", str(args.img_size), "-b", str(args.batch_size), "--device", args.device]
     if name in ("bare", "naive"):
         cmd = [sys.executable, __file__, "--only", name, "--data", str(data_dir), *common]
         output, peak = run_measured(cmd)
@@ -163,8 +188,14 @@ def measure(name, args, data_dir, out_dir):
 
 def main():
     args = get_args()
+    if args.device is None:
+        sys.path.insert(0, str(ROOT))
+        from utils import default_device
+        args.device = default_device()
     if args.only:
-        loop = bare_loop(args) if args.only == "bare" else naive_loop(args, args.data)
+        import torch
+        device = torch.device(args.device)
+        loop = bare_loop(args, device) if args.only == "bare" else naive_loop(args, args.data, device)
         print(f"{loop:.1f}")
         return
     runs = args.runs.split(",")
@@ -173,13 +204,15 @@ def main():
         data_dir = subset_folder(args.data, args.train_images, Path(tmp) / "data")
         for name in runs:
             results[name] = measure(name, args, data_dir, Path(tmp) / "runs")
-            print(f"{name:6s} {results[name][0]:8.1f} img/s  peak memory {results[name][1] / 2**30:.2f} GiB", flush=True)
+            speed, (peak, cached) = results[name]
+            print(f"{name:6s} {speed:8.1f} img/s  peak memory {peak / 2**30:.2f} GiB, of it cache files "
+                  f"{cached / 2**30:.2f} GiB", flush=True)
         decoded = args.train_images * (args.img_size * (1 if args.img_size <= 64 else 8 / 7)) ** 2 * 3
     print(f"\n{args.model}, {args.img_size} px, batch {args.batch_size}, {args.train_images} training images, "
-          f"{os.cpu_count()} cores, decoded training set {decoded / 2**30:.3f} GiB")
-    print(f"{'run':8s}{'img/s':>10s}{'peak GiB':>10s}")
-    for name, (speed, peak) in results.items():
-        print(f"{name:8s}{speed:10.1f}{peak / 2**30:10.2f}")
+          f"{os.cpu_count()} cores, {args.device}, decoded training set {decoded / 2**30:.3f} GiB")
+    print(f"{'run':10s}{'img/s':>10s}{'peak GiB':>10s}{'of it cache files':>19s}")
+    for name, (speed, (peak, cached)) in results.items():
+        print(f"{name:10s}{speed:10.1f}{peak / 2**30:10.2f}{cached / 2**30:19.2f}")
     for a, b in (("pil", "bare"), ("cache", "bare"), ("cache", "naive")):
         if a in results and b in results:
             print(f"({a})/({b}) = {results[a][0] / results[b][0]:.2f}")

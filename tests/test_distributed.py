@@ -13,7 +13,8 @@ import torch
 
 from conftest import ROOT, run_script, write_image_folder
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+# two processes on two cores; on the CPU (gloo) also where a GPU is visible: one GPU cannot take two processes
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def torchrun(script, *args, nproc=2, launcher=("--standalone",), check=True):
@@ -129,6 +130,14 @@ def test_sync_bn_on_cpu_is_a_clear_error(image_folder, tmp_path):
     result = torchrun("train.py", "--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny", "-b", 4,
                       "--workers", 0, "--sync-bn", "--output-dir", tmp_path / "x", check=False)
     assert result.returncode != 0 and "--sync-bn needs CUDA" in result.stdout + result.stderr
+
+
+def test_more_processes_than_gpus_is_a_clear_error(image_folder, tmp_path):
+    """--device cuda where no GPU is visible (CUDA_VISIBLE_DEVICES is empty here): process 0 has no GPU either."""
+    result = torchrun("train.py", "--data", image_folder, "--epochs", 1, "--device", "cuda", "--output-dir",
+                      tmp_path / "x", check=False)
+    assert result.returncode != 0
+    assert "needs GPU 0 (one GPU per process), but 0 GPU(s) are visible" in result.stdout + result.stderr
 
 
 def test_one_failing_process_ends_the_job(tmp_path):
