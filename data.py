@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
-from utils import seed_from
+from utils import seed_draws, seed_from
 
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision pretrained model expects these
@@ -337,13 +337,15 @@ def train_transform(img_size, crop="resized", min_scale=0.25, auto_augment=None,
     if crop == "resized":
         steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)]
     else:
-        steps = [v2.Resize(img_size, antialias=True),
-                 v2.RandomCrop(img_size, padding=img_size // 8 if padding is None else padding, padding_mode="reflect")]
-    if hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(hflip))
-    if auto_augment:
+        steps = [v2.Resize(img_size, antialias=True)]
+    if auto_augment:  # on the PIL image: 2-5x faster than on a tensor
         steps.append(AUTO_AUGMENT[auto_augment]())
     steps.append(v2.PILToTensor())
+    if crop == "padded":  # padding and cropping: twice as fast on the tensor as on the PIL image
+        steps.append(v2.RandomCrop(img_size, padding=img_size // 8 if padding is None else padding,
+                                   padding_mode="reflect"))
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
     if random_erase > 0:  # erase to the mean colour, as erasing to 0 after normalisation would
         steps.append(v2.RandomErasing(random_erase, value=[round(255 * m) for m in IMAGENET_MEAN]))
     return v2.Compose(steps)
@@ -402,9 +404,13 @@ class ImageDataset(Dataset):
             return self[((index + 1) % len(self), epoch) if epoch is not None else (index + 1) % len(self)]
         if epoch is None:
             return self.transform(image), target
-        with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG untouched (matters with 0 workers)
-            torch.manual_seed(seed_from(self.seed, epoch, index))
+        generator = torch.random.default_generator  # what the transforms draw from (they run on the CPU)
+        state = generator.get_state()  # left as it was for the caller (matters with 0 workers)
+        seed_draws(seed_from(self.seed, epoch, index))
+        try:
             return self.transform(image), target
+        finally:
+            generator.set_state(state)
 
 
 class EpochSampler(DistributedSampler):
@@ -513,7 +519,9 @@ def build_cache(samples, resize, side, folder, workers=0, log=print, strict=Fals
             raise SystemExit(f"error: {len(bad)} image file(s) could not be decoded (--strict stops on them):\n{listing}")
         log(f"warning: skipping {len(bad)} image file(s) that could not be decoded:\n{listing}")
     usable = np.setdiff1d(np.arange(len(samples)), [i for i, _ in bad])
-    return np.load(path, mmap_mode="r"), usable
+    # copy-on-write: writable, as torch.from_numpy wants; never written, so its pages stay the page cache's,
+    # shared by every process that maps the file
+    return np.load(path, mmap_mode="c"), usable
 
 
 def hash_uniforms(seed, epoch, indices, count):
@@ -580,8 +588,9 @@ class CachedLoader:
     `sampler` and `len()`. augment: None, or a function (images, uniforms, flips) -> images."""
 
     def __init__(self, array, rows, targets, sampler, batch_size, device, augment=None, seed=0, drop_last=False):
-        self.array, self.rows = array, np.asarray(rows)
-        self.targets = torch.stack([torch.as_tensor(t) for t in targets])  # class indices, or multi-hot rows
+        self.images, self.rows = torch.from_numpy(array), np.asarray(rows)  # a view of the (mapped) array
+        # class indices, or multi-hot rows: on the device once, a batch's are gathered there
+        self.targets = torch.stack([torch.as_tensor(t) for t in targets]).to(device)
         self.sampler, self.batch_size, self.device = sampler, batch_size, device
         self.augment, self.seed, self.drop_last = augment, seed, drop_last
 
@@ -594,17 +603,27 @@ class CachedLoader:
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = keys[start:start + self.batch_size]
             indices = np.array([k[0] if isinstance(k, tuple) else k for k in batch])
-            images = torch.from_numpy(self.array[self.rows[indices]])
-            if self.device.type == "cuda":
-                images = images.pin_memory()  # so that the copy below runs alongside the GPU's work
-            images = images.to(self.device, non_blocking=True)
+            # one copy on the host, by several threads, straight into pinned memory on CUDA (3x np.take's speed)
+            images = torch.empty((len(indices), *self.images.shape[1:]), dtype=torch.uint8,
+                                 pin_memory=self.device.type == "cuda")
+            torch.index_select(self.images, 0, torch.from_numpy(self.rows[indices]), out=images)
+            images = to_device(images, self.device)
             if self.augment is None:
                 images = images.permute(0, 3, 1, 2)
             else:
                 epoch = batch[0][1]
-                images = self.augment(images, hash_uniforms(self.seed, epoch, indices, 4),
-                                      alternating_flips(self.seed, epoch, indices))
-            yield images, self.targets[indices].to(self.device, non_blocking=True)
+                images = self.augment(images, to_device(hash_uniforms(self.seed, epoch, indices, 4), self.device),
+                                      to_device(alternating_flips(self.seed, epoch, indices), self.device))
+            yield images, self.targets[to_device(torch.from_numpy(indices), self.device)]
+
+
+def to_device(tensor, device):
+    """Moves a host tensor to `device` without waiting. A copy to a GPU from ordinary (pageable) host memory
+    first waits for all the GPU's queued work: a sync point, which would stall the loop at every batch. From
+    pinned memory it is queued behind that work instead, and the host goes on to the next batch."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------

@@ -161,12 +161,15 @@ def resume_args(args):
 
 
 def default_workers(world_size, device):
-    """Loader processes compete with the model for cores: leave about half the cores to compute. Training on
-    the CPU with 2 cores or fewer per process, the model's threads use them all and a loader process can only
-    take from them: loading in the training process itself is faster (resnet18, 128 px: 73.7 images/s with
-    0 workers, 67.9 with 1, bare compute 81.6)."""
+    """On a GPU, loader processes take every core but one per training process (at most 16 each). On the CPU
+    they compete with the model for cores: leave about half the cores to compute; with 2 cores or fewer per
+    process the model's threads use them all and a loader process can only take from them, so loading in the
+    training process itself is faster (resnet18, 128 px: 73.7 images/s with 0 workers, 67.9 with 1, bare
+    compute 81.6)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device.type == "cpu" and cores // world_size <= 2:
+    if device.type == "cuda":  # the GPU computes: every core but the training process's own can load
+        return max(1, min(16, cores // world_size - 1))
+    if cores // world_size <= 2:
         return 0
     return max(1, min(8, cores // (2 * world_size)))
 
@@ -230,7 +233,7 @@ def spread_sample(loader, n):
     size = len(loader.rows) if isinstance(loader, data.CachedLoader) else len(loader.dataset)
     picks = np.linspace(0, size - 1, min(n, size)).astype(int)
     if isinstance(loader, data.CachedLoader):
-        return torch.from_numpy(loader.array[loader.rows[picks]]).permute(0, 3, 1, 2)
+        return loader.images[loader.rows[picks]].permute(0, 3, 1, 2)
     return torch.stack([loader.dataset[i][0] for i in picks])
 
 
@@ -373,7 +376,7 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
         images, targets = next(batches)
         data_wait += time.perf_counter() - wait
         # every random draw of this step (dropout, MixUp) is a function of (seed, epoch, step, rank)
-        torch.manual_seed(utils.seed_from(args.seed, epoch, micro_step, run["rank"]))
+        utils.seed_draws(utils.seed_from(args.seed, epoch, micro_step, run["rank"]), device.type)
         images = run["normalize"](images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         labels = targets
@@ -434,19 +437,40 @@ def count_hits(logits, labels):
 
 def check_flags(run, step, bad_run, force=False):
     """True once SIGTERM or Ctrl-C came; stops the run with an error once the loss has not been finite for
-    MAX_BAD_STEPS steps in a row. Reading the device is a sync point, and all processes must agree on the
-    step they stop at, so the flags are read (and all-reduced) only every CHECK_EVERY steps."""
+    MAX_BAD_STEPS steps in a row. All processes must agree on the step they stop at, so every CHECK_EVERY
+    steps the flags are all-reduced on the device and copied to the host without waiting. On a GPU what is
+    read is the copy started CHECK_EVERY steps earlier, finished long since, so the loop never waits for the
+    GPU; `force` (an epoch's end) reads the current flags there: a sync point."""
     if step % CHECK_EVERY and not force:
         return run["world_size"] == 1 and run["stop"].is_set()
-    flags = torch.stack([torch.tensor(float(run["stop"].is_set()), device=run["device"]), bad_run.float()])
-    stop, bad = utils.all_reduce_max(flags).tolist()
+    flags = torch.stack([torch.full((), float(run["stop"].is_set()), device=run["device"]), bad_run.float()])
+    pending, earlier = read_later(utils.all_reduce_max(flags)), run.get("pending_flags")
+    run["pending_flags"] = pending
+    use_earlier = earlier is not None and not force and run["device"].type == "cuda"  # elsewhere reading is free
+    stop, bad = (earlier if use_earlier else pending)()
     if bad >= MAX_BAD_STEPS:
         args = run["args"]
-        where = f"epoch {step // run['steps_per_epoch'] + 1} step {step % run['steps_per_epoch']}"
+        where = f"epoch {(step - 1) // run['steps_per_epoch'] + 1} step {(step - 1) % run['steps_per_epoch'] + 1}"
         raise SystemExit(f"error: the loss was inf or NaN for the last {bad:.0f} steps (at {where}; each was skipped): "
                          f"the run diverged and stops without saving, so last.pt keeps the last good epoch. Try a "
                          f"lower --lr (now {args.lr:g}), --clip-grad-norm 1, or --amp off (now {args.amp})")
     return stop > 0
+
+
+def read_later(tensor):
+    """Starts copying a device tensor to the host; returns a function that gives its values as a list,
+    waiting only if the copy has not finished yet. On the CPU there is nothing to wait for."""
+    if tensor.device.type != "cuda":
+        values = tensor.tolist()
+        return lambda: values
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read():
+        copied.synchronize()
+        return host.tolist()
+    return read
 
 
 def end_early(args, run, epochs_done, best_epoch, epoch_seconds, log):
@@ -664,7 +688,7 @@ def main(argv=None):
                 "images_per_s": stats["images_per_s"]}, RESULTS_COLUMNS[args.task])
         end_early(args, run, epoch + 1, best_epoch, (time.perf_counter() - started) / (epoch + 1 - start_epoch), log)
         save_last(epoch + 1, step, metrics, is_best)
-        if epoch + 1 < args.epochs and check_flags(run, 0, torch.zeros((), device=device)):
+        if epoch + 1 < args.epochs and check_flags(run, 0, torch.zeros((), device=device), force=True):
             exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)
         epoch += 1
     if rank == 0:

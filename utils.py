@@ -22,6 +22,10 @@ def setup_distributed(device_arg=None):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device_arg or default_device())
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: process {local_rank} of this node needs GPU {local_rank} (one GPU per process), "
+                             f"but {torch.cuda.device_count()} GPU(s) are visible: start at most that many processes "
+                             "per node (torchrun --nproc_per_node), or train on the CPU with --device cpu")
         device = torch.device("cuda", local_rank)  # one GPU per process
         torch.cuda.set_device(device)
     if world_size > 1:
@@ -75,6 +79,14 @@ def all_gather_cat(tensor):
 def seed_from(*numbers):
     """A well-mixed 63-bit seed from a few non-negative integers, e.g. (seed, epoch, index)."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seed_draws(seed, device_type="cpu"):
+    """Seeds the generators that a training step or an augmentation draws from: the CPU's, and the device's
+    (its current GPU). torch.manual_seed seeds every backend torch knows, ~100 us a call: too slow per image."""
+    torch.random.default_generator.manual_seed(seed)
+    if device_type != "cpu":
+        torch.get_device_module(device_type).manual_seed(seed)
 
 
 def seed_everything(seed):
