@@ -32,15 +32,22 @@ class ConvGroup(nn.Sequential):
         super().__init__(conv1, nn.MaxPool2d(2), norm1, act1, *conv_norm(c_out, c_out, norm))
 
 
+class GlobalMaxPool(nn.Module):
+    """[N, C, H, W] -> [N, C]. Not nn.AdaptiveMaxPool2d(1): its CUDA backward is not deterministic (it fails
+    under --deterministic) and ONNX exporters lack it; amax is both."""
+
+    def forward(self, x):
+        return x.amax(dim=(2, 3))
+
+
 class SmallNet(nn.Sequential):
-    """stem, group1..group3, pool, flatten, dropout, fc: a flat sequence, so its stages are its children."""
+    """stem, group1..group3, pool, dropout, fc: a flat sequence, so its stages are its children."""
 
     def __init__(self, num_classes, widths=(64, 256, 256), stem_width=24, dropout=0.0, norm=nn.BatchNorm2d):
         channels = [stem_width, *widths]
         layers = {"stem": nn.Sequential(nn.Conv2d(3, stem_width, 2, bias=False), nn.GELU())}
         layers.update({f"group{i}": ConvGroup(a, b, norm) for i, (a, b) in enumerate(zip(channels, channels[1:]), 1)})
-        layers.update(pool=nn.AdaptiveMaxPool2d(1), flatten=nn.Flatten(), dropout=nn.Dropout(dropout),
-                      fc=nn.Linear(widths[-1], num_classes))
+        layers.update(pool=GlobalMaxPool(), dropout=nn.Dropout(dropout), fc=nn.Linear(widths[-1], num_classes))
         super().__init__(OrderedDict(layers))
         # fixed, set from the data by whiten_stem. Nothing before group1 trains, so backward stops there and
         # skips the gradient of its input: 8-10% faster steps on a CPU (airbench freezes its stem bias for this)
@@ -54,7 +61,8 @@ class SmallNet(nn.Sequential):
         after it passes both signs. Narrower stems keep the largest directions."""
         conv = self.stem[0]
         c, k = conv.in_channels, conv.kernel_size[0]
-        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+        # float64: exact on any device (a GPU's TF32 matmuls would blur the small eigenvalues that matter most)
+        patches = images.double().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)  # one row per patch, in the filter's layout
         eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending order
         filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.flip(0).reshape(-1, c, k, k)  # largest first

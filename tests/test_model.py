@@ -74,7 +74,7 @@ def test_whitened_stem_decorrelates_patches():
 def test_training_starts_from_a_stem_whitened_on_its_images(trained_run, image_folder):
     run_dir, result = trained_run
     assert "stem's filters whiten the 2x2 patches of 48 training images" in result.stdout
-    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
     preprocess = checkpoint["preprocess"]
     transform = data.eval_transform(preprocess)
     images = torch.stack([transform(data.load_image(p)) for p in sorted((image_folder / "train").rglob("*.*"))])
