@@ -44,6 +44,7 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
     with a threshold (multilabel models) every class whose sigmoid probability reaches it."""
     transform = data.eval_transform(preprocess)
     normalize = data.make_normalize(preprocess, device)
+    dtype = next(model.parameters()).dtype  # float16 for an `export.py --half` file
     results = []
     for start in range(0, len(paths), batch_size):
         batch_paths, images = [], []
@@ -56,7 +57,7 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
         if not images:
             continue
         images = torch.stack(images).to(device)
-        logits = model(normalize(images)).float()
+        logits = model(normalize(images).to(dtype)).float()
         if threshold is None:
             probs, indices = logits.softmax(1).topk(min(topk, logits.shape[1]), dim=1)
             results += [(path, list(zip(i, p))) for path, p, i in zip(batch_paths, probs.tolist(), indices.tolist())]
