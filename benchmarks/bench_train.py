@@ -154,7 +154,7 @@ def run_measured(cmd):
     sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{output}")
-    return output, peak[0]
+    return output, tuple(peak)
 
 
 def subset_folder(data_dir, train_images, tmp):
