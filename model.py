@@ -61,10 +61,13 @@ class SmallNet(nn.Sequential):
         after it passes both signs. Narrower stems keep the largest directions."""
         conv = self.stem[0]
         c, k = conv.in_channels, conv.kernel_size[0]
-        # float64: exact on any device (a GPU's TF32 matmuls would blur the small eigenvalues that matter most)
-        patches = images.double().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)  # one row per patch, in the filter's layout
-        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending order
+        covariance, count = 0, 0
+        for chunk in images.split(64):  # all patches of 1,000 images of 146 px at once would take 2 GiB
+            # float64: exact on any device (a GPU's TF32 matmuls would blur the small eigenvalues that matter most)
+            patches = chunk.double().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)  # one row per patch, as the filters
+            covariance, count = covariance + patches.T @ patches, count + len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)  # ascending order
         filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.flip(0).reshape(-1, c, k, k)  # largest first
         half = conv.out_channels // 2
         if half > len(filters) or conv.out_channels % 2:
