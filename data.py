@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision.transforms import v2
 
 from utils import seed_draws, seed_from
@@ -138,6 +138,7 @@ def select_classes(found, wanted=None, ignore=(), where="the data"):
     kept = [c for c in found if c not in ignore]
     if not wanted:
         return kept
+    wanted = [c for c in wanted if c not in ignore]
     missing = [c for c in wanted if c not in found]
     if missing:
         raise SystemExit(f"error: --classes names {', '.join(missing)}, which {where} does not have")
@@ -145,7 +146,7 @@ def select_classes(found, wanted=None, ignore=(), where="the data"):
     if extra:
         raise SystemExit(f"error: {where} has class(es) that --classes does not list: {', '.join(extra)}; "
                          "add them to --classes or drop them with --ignore-classes")
-    return list(wanted)
+    return wanted
 
 
 def parse_class_list(text):
@@ -239,45 +240,67 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
     return rows
 
 
+def name_labels(rows, names=None):
+    """Integer labels are class ids: positions in `names` (--classes) when given, else their own names ('0', '1',
+    ...). Returns the rows with every label a class name, so that everything after indexes by name alone."""
+    found = {label for _, labels in rows for label in labels}
+    if not names or not found or not all(label.isdigit() for label in found):
+        return rows
+    too_large = sorted((int(label) for label in found if int(label) >= len(names)))
+    if too_large:
+        raise SystemExit(f"error: label id {too_large[-1]} is out of range for the {len(names)} classes of --classes")
+    return [(path, [names[int(label)] for label in labels]) for path, labels in rows]
+
+
+def drop_ignored(rows, ignore, multilabel=False):
+    """Leaves out the rows with an ignored class (--ignore-classes), or with multilabel only that label."""
+    if multilabel:
+        return [(path, [label for label in labels if label not in ignore]) for path, labels in rows]
+    return [(path, labels) for path, labels in rows if not set(labels) & set(ignore)]
+
+
+def read_labelled_csv(csv_path, columns, names=None, ignore=(), multilabel=False, log=print):
+    """[(path, [class name, ...])] of a CSV file: ids named (name_labels), ignored classes dropped.
+    columns: (image column, label column, separator of several labels or None)."""
+    rows = name_labels(read_csv_samples(csv_path, *columns), names)
+    kept = drop_ignored(rows, ignore, multilabel)
+    if len(kept) < len(rows):
+        log(f"data: left out {len(rows) - len(kept)} row(s) of {csv_path} with an ignored class (--ignore-classes)")
+    return kept
+
+
 def index_labels(rows, classes, where, multilabel=False):
-    """[(path, target)] of rows whose labels are class names or integer ids of `classes`. The target is the
-    class index, or with multilabel a multi-hot float vector."""
+    """[(path, target)] of rows whose labels are class names of `classes`. The target is the class index, or with
+    multilabel a multi-hot float vector."""
     index = {name: i for i, name in enumerate(classes)}
     samples = []
     for path, labels in rows:
         if not multilabel and len(labels) != 1:
             raise SystemExit(f"error: {where}: {path} has {len(labels)} labels; one is expected "
                              "(several labels need --task multilabel)")
-        targets = [index[label] if label in index else int(label) if label.isdigit() else -1 for label in labels]
-        bad = [label for label, t in zip(labels, targets) if not 0 <= t < len(classes)]
+        bad = [label for label in labels if label not in index]
         if bad:
             raise SystemExit(f"error: {where}: {path} has label(s) {', '.join(bad)}, not among the classes")
+        targets = [index[label] for label in labels]
         samples.append((path, torch.zeros(len(classes)).index_fill_(0, torch.tensor(targets, dtype=torch.long), 1.0)
                         if multilabel else targets[0]))
     return samples
 
 
-def load_csv_samples(train_csv, val_csv=None, image_column="image", label_column="label", delimiter=None,
-                     val_fraction=0.1, seed=0, log=print, strict=False, wanted=None, ignore=(), multilabel=False):
+def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), val_fraction=0.1, seed=0,
+                     log=print, strict=False, wanted=None, ignore=(), multilabel=False):
     """Classes, train and val samples from CSV files: like load_samples, with the labels in a column.
     Labels are class names or integer ids (0..K-1, in --classes order when given). An ignored class drops
     the rows that have it, or with multilabel only that label."""
-    train_rows = read_csv_samples(train_csv, image_column, label_column, delimiter)
-    found = {label for _, labels in train_rows for label in labels}
-    if found and all(label.isdigit() for label in found):  # integer ids: positions in --classes, or their own names
-        classes = wanted or [str(i) for i in range(max(map(int, found)) + 1)]
-    else:
-        classes = select_classes(sorted(found), wanted, ignore, train_csv)
-    def drop_ignored(rows):
-        if multilabel:
-            return [(path, [label for label in labels if label not in ignore]) for path, labels in rows]
-        return [(path, labels) for path, labels in rows if not set(labels) & set(ignore)]
-    keep = drop_ignored(train_rows)
-    if len(keep) < len(train_rows):
-        log(f"data: left out {len(train_rows) - len(keep)} row(s) of {train_csv} with an ignored class (--ignore-classes)")
-    train = check_nonempty(scan_images(index_labels(keep, classes, train_csv, multilabel), strict, log), classes, train_csv)
+    train_rows = read_labelled_csv(train_csv, columns, wanted, ignore, multilabel, log)
+    found = sorted({label for _, labels in train_rows for label in labels})
+    if found and all(label.isdigit() for label in found):  # ids that name themselves: every id up to the largest
+        found = [str(i) for i in range(max(map(int, found)) + 1)]
+    classes = select_classes(found, wanted, ignore, train_csv)
+    train = check_nonempty(scan_images(index_labels(train_rows, classes, train_csv, multilabel), strict, log),
+                           classes, train_csv)
     if val_csv:
-        val_rows = drop_ignored(read_csv_samples(val_csv, image_column, label_column, delimiter))
+        val_rows = read_labelled_csv(val_csv, columns, wanted, ignore, multilabel, log)
         val = scan_images(index_labels(val_rows, classes, val_csv, multilabel), strict, log)
     else:
         train, val = stratified_split(train, val_fraction, seed)
@@ -288,22 +311,22 @@ def load_csv_samples(train_csv, val_csv=None, image_column="image", label_column
 
 
 def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=False, ignore=()):
-    """Samples of one split, indexed by a trained model's `classes`. train and val follow the same
-    rules as training (val/, else test/, else the same held-out part of train/)."""
+    """Samples of one split, indexed by a trained model's `classes` (in their order, sorted or not). train and val
+    follow the same rules as training (val/, else test/, else the same held-out part of train/)."""
     if split == "test":
         test_dir = Path(data_root) / "test"
         if not test_dir.is_dir():
             raise SystemExit(f"error: {data_root} has no test/ folder")
         return scan_images(check_val_classes(test_dir, classes, log, ignore), strict, log)
-    val_dir = find_val_dir(data_root)
-    if split == "val" and val_dir is not None and (Path(data_root) / "train").is_dir():  # train/'s names suffice
-        data_classes = select_classes(find_classes(Path(data_root) / "train"), None, ignore)
-        if data_classes == list(classes):
-            return scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
-    data_classes, train, val = load_samples(data_root, val_fraction, seed, log, strict, ignore=ignore)
-    if data_classes != list(classes):
-        raise SystemExit(f"error: the classes of {data_root}/train ({', '.join(data_classes)}) are not the "
+    train_dir = Path(data_root) / "train"
+    data_classes = select_classes(find_classes(train_dir), None, ignore) if train_dir.is_dir() else []
+    if sorted(data_classes) != sorted(classes):
+        raise SystemExit(f"error: the classes of {train_dir} ({', '.join(data_classes)}) are not the "
                          f"checkpoint's ({', '.join(classes)}); evaluate on the data the model was trained for")
+    val_dir = find_val_dir(data_root)
+    if split == "val" and val_dir is not None:
+        return scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
+    _, train, val = load_samples(data_root, val_fraction, seed, log, strict, wanted=list(classes), ignore=ignore)
     return train if split == "train" else val
 
 
@@ -393,24 +416,49 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
+        """(image, target, ""), or (None, target, why) for a file that passed the header scan and failed to decode
+        (a truncated file, say): collate_decoded leaves it out of its batch."""
         index, epoch = key if isinstance(key, tuple) else (key, None)
         path, target = self.samples[index]
         try:
             image = load_image(path)
-        except UnreadableImage as e:  # passed the header scan, failed to decode (a truncated file, say)
+        except UnreadableImage as e:
             if self.strict:
                 raise
-            print(f"warning: skipping {e}; using the next image instead", file=sys.stderr, flush=True)
-            return self[((index + 1) % len(self), epoch) if epoch is not None else (index + 1) % len(self)]
+            return None, target, str(e)
         if epoch is None:
-            return self.transform(image), target
+            return self.transform(image), target, ""
         generator = torch.random.default_generator  # what the transforms draw from (they run on the CPU)
         state = generator.get_state()  # left as it was for the caller (matters with 0 workers)
         seed_draws(seed_from(self.seed, epoch, index))
         try:
-            return self.transform(image), target
+            return self.transform(image), target, ""
         finally:
             generator.set_state(state)
+
+
+def collate_decoded(items):
+    """A batch of the images that decoded, their targets, and why the others did not."""
+    decoded = [(image, target) for image, target, _ in items if image is not None]
+    images, targets = default_collate(decoded) if decoded else (torch.zeros(0, dtype=torch.uint8), torch.zeros(0))
+    return images, targets, [why for image, _, why in items if image is None]
+
+
+class ImageLoader(DataLoader):
+    """A DataLoader of ImageDataset batches, each without the files that failed to decode: a batch is one image
+    shorter rather than trained or counted twice on another one. Each such file is named once per process."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, collate_fn=collate_decoded, **kwargs)
+        self.reported = set()
+
+    def __iter__(self):
+        for images, targets, failures in super().__iter__():
+            for why in set(failures) - self.reported:
+                print(f"warning: skipping {why} (it passed the header scan but does not decode)", file=sys.stderr,
+                      flush=True)
+            self.reported.update(failures)
+            yield images, targets
 
 
 class EpochSampler(DistributedSampler):
@@ -447,13 +495,13 @@ def make_epoch_sampler(n, batch_size, seed=0, rank=0, world_size=1):
 def make_train_loader(dataset, batch_size, workers, device, seed=0, rank=0, world_size=1):
     sampler = make_epoch_sampler(len(dataset), batch_size, seed, rank, world_size)
     # drop_last keeps every step the same size: no tiny last batch with noisy BatchNorm statistics
-    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, **loader_kwargs(workers, device))
+    return ImageLoader(dataset, batch_size, sampler=sampler, drop_last=True, **loader_kwargs(workers, device))
 
 
 def make_eval_loader(dataset, batch_size, workers, device, rank=0, world_size=1):
     """Process r evaluates images r, r+w, r+2w...: every image exactly once, no padding duplicates."""
     shard = Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(shard, batch_size, shuffle=False, **loader_kwargs(workers, device))
+    return ImageLoader(shard, batch_size, shuffle=False, **loader_kwargs(workers, device))
 
 
 # -----------------------------------------------------------------------------
@@ -585,11 +633,13 @@ def alternating_flips(seed, epoch, indices):
 class CachedLoader:
     """Batches from a cached array: rows gathered on the host (a memory copy), moved to the device, augmented
     there. Yields (images [N, C, H, W] on the device, targets) like a DataLoader, and has the same
-    `sampler` and `len()`. augment: None, or a function (images, uniforms, flips) -> images."""
+    `sampler` and `len()`. The sampler draws positions among the usable `rows`; a row is a sample's index in the
+    sample list, and its image, target and augmentation are all looked up by it. augment: None, or a function
+    (images, uniforms, flips) -> images."""
 
     def __init__(self, array, rows, targets, sampler, batch_size, device, augment=None, seed=0, drop_last=False):
-        self.images, self.rows = torch.from_numpy(array), np.asarray(rows)  # a view of the (mapped) array
-        # class indices, or multi-hot rows: on the device once, a batch's are gathered there
+        self.images, self.rows = torch.from_numpy(array), torch.as_tensor(rows, dtype=torch.int64)
+        # every sample's class index, or multi-hot row: on the device once, a batch's are gathered there
         self.targets = torch.stack([torch.as_tensor(t) for t in targets]).to(device)
         self.sampler, self.batch_size, self.device = sampler, batch_size, device
         self.augment, self.seed, self.drop_last = augment, seed, drop_last
@@ -602,19 +652,19 @@ class CachedLoader:
         keys = list(self.sampler)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = keys[start:start + self.batch_size]
-            indices = np.array([k[0] if isinstance(k, tuple) else k for k in batch])
+            rows = self.rows[[k[0] if isinstance(k, tuple) else k for k in batch]]
             # one copy on the host, by several threads, straight into pinned memory on CUDA (3x np.take's speed)
-            images = torch.empty((len(indices), *self.images.shape[1:]), dtype=torch.uint8,
+            images = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8,
                                  pin_memory=self.device.type == "cuda")
-            torch.index_select(self.images, 0, torch.from_numpy(self.rows[indices]), out=images)
+            torch.index_select(self.images, 0, rows, out=images)
             images = to_device(images, self.device)
             if self.augment is None:
                 images = images.permute(0, 3, 1, 2)
             else:
                 epoch = batch[0][1]
-                images = self.augment(images, to_device(hash_uniforms(self.seed, epoch, indices, 4), self.device),
-                                      to_device(alternating_flips(self.seed, epoch, indices), self.device))
-            yield images, self.targets[to_device(torch.from_numpy(indices), self.device)]
+                images = self.augment(images, to_device(hash_uniforms(self.seed, epoch, rows.numpy(), 4), self.device),
+                                      to_device(alternating_flips(self.seed, epoch, rows.numpy()), self.device))
+            yield images, self.targets[to_device(rows, self.device)]
 
 
 def to_device(tensor, device):

@@ -191,13 +191,15 @@ def main(argv=None):
 
     checkpoint = utils.load_checkpoint(args.ckpt)
     classes, preprocess, train_args = checkpoint["classes"], checkpoint["preprocess"], checkpoint["args"]
+    ignore = data.parse_class_list(train_args.get("ignore_classes")) or []  # the run's, like its classes
     if args.val_csv:
-        rows = data.read_csv_samples(args.val_csv, train_args.get("image_column", "image"),
-                                     train_args.get("label_column", "label"), train_args.get("label_delimiter"))
-        samples = data.scan_images(data.index_labels(rows, classes, args.val_csv, train_args.get("task") == "multilabel"),
-                                   log=log)
+        columns = (train_args.get("image_column", "image"), train_args.get("label_column", "label"),
+                   train_args.get("label_delimiter"))
+        multilabel = train_args.get("task") == "multilabel"
+        rows = data.read_labelled_csv(args.val_csv, columns, data.parse_class_list(train_args.get("classes")), ignore,
+                                      multilabel, log)
+        samples = data.scan_images(data.index_labels(rows, classes, args.val_csv, multilabel), log=log)
     else:
-        ignore = data.parse_class_list(train_args.get("ignore_classes")) or []
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)
     dataset = data.ImageDataset(samples, data.eval_transform(preprocess))

@@ -1,10 +1,10 @@
 """Export a checkpoint to a file that runs without this code: TorchScript or ONNX.
 
-    python export.py --ckpt runs/exp/best.pt                         # runs/exp/best.torchscript + best.json
+    python export.py --ckpt runs/exp/best.pt                         # runs/exp/best.torchscript + .json beside it
     python export.py --ckpt runs/exp/best.pt --format onnx --dynamic-batch   # needs: pip install onnx onnxscript
     python predict.py img.jpg --ckpt runs/exp/best.torchscript       # predict.py runs a TorchScript export too
 
-The exported model takes a normalised float batch [N, 3, H, W] and returns logits. Beside it, <name>.json holds
+The exported model takes a normalised float batch [N, 3, H, W] and returns logits. Beside it, <file>.json holds
 what is needed to use it: the class names and the preprocessing (resize the short side to resize_size,
 center-crop img_size, scale to 0..1, subtract mean, divide by std). The export is checked: its outputs on
 a sample batch are compared with PyTorch's and the largest difference is printed.
@@ -32,6 +32,11 @@ def get_args_parser():
     parser.add_argument("--device", default="cpu", help="where to export and check (default: cpu)")
     parser.add_argument("--output", default=None, help="output file (default: beside the checkpoint, .torchscript or .onnx)")
     return parser
+
+
+def meta_path(path):
+    """best.torchscript -> best.torchscript.json: each export of a checkpoint has its own."""
+    return Path(f"{path}.json")
 
 
 def export_torchscript(model, sample, path):
@@ -80,10 +85,11 @@ def main(argv=None):
         run_exported = export_torchscript(model, sample, path)
     else:
         run_exported = export_onnx(model, sample, path, args.dynamic_batch)
-    meta = {"classes": checkpoint["classes"], "preprocess": checkpoint["preprocess"], "model_name": checkpoint["model_name"],
+    meta = {"format": args.format, "classes": checkpoint["classes"], "preprocess": checkpoint["preprocess"],
+            "model_name": checkpoint["model_name"],
             "multilabel": checkpoint["args"].get("task") == "multilabel",
             "input": f"float{16 if args.half else 32} [N, 3, {size}, {size}], normalised", "output": "logits [N, classes]"}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    meta_path(path).write_text(json.dumps(meta, indent=1))
 
     if run_exported is not None:
         with torch.inference_mode():
@@ -91,7 +97,7 @@ def main(argv=None):
         print(f"exported {path}: largest difference from PyTorch on a sample batch {difference:.2e}")
         if difference > TOLERANCE[args.half]:
             raise SystemExit(f"error: the export differs from PyTorch by {difference:.2e} (> {TOLERANCE[args.half]})")
-    print(f"wrote {path} and {path.with_suffix('.json')} (classes and preprocessing)")
+    print(f"wrote {path} and {meta_path(path)} (classes and preprocessing)")
     return path
 
 

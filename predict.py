@@ -2,7 +2,7 @@
 
     python predict.py img.jpg --ckpt runs/exp/best.pt
     python predict.py photos/ "more/*.png" --ckpt runs/exp/best.pt --topk 3 --json
-    python predict.py img.jpg --ckpt runs/exp/best.torchscript    # an export of export.py, with best.json beside it
+    python predict.py img.jpg --ckpt runs/exp/best.torchscript    # an export of export.py (with its .json beside it)
 
 The class names and the eval preprocessing (resize, crop, mean, std) come from the checkpoint, which
 is loaded with weights_only=True: a checkpoint cannot run code on your machine.
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import data
+import export
 import utils
 from model import model_from_checkpoint
 
@@ -68,13 +69,14 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
 
 
 def load_for_prediction(path, device):
-    """(model, classes, preprocess) from one of our checkpoints, or from a TorchScript export (export.py)
-    and the JSON file beside it."""
-    if Path(path).suffix == ".torchscript":
-        meta_path = Path(path).with_suffix(".json")
-        if not meta_path.is_file():
-            raise SystemExit(f"error: {meta_path} (classes and preprocessing, written by export.py) is missing")
+    """(model, classes, preprocess, multilabel) from one of our checkpoints, or from a TorchScript export of
+    export.py, known by the JSON file beside it (whatever its suffix)."""
+    meta_path = export.meta_path(path)
+    if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
+        if meta.get("format", "torchscript") != "torchscript":
+            raise SystemExit(f"error: {path} is an {meta['format']} export: predict.py runs checkpoints and "
+                             "TorchScript exports (python export.py --ckpt CKPT); run ONNX files with onnxruntime")
         return torch.jit.load(path, map_location=device), meta["classes"], meta["preprocess"], meta.get("multilabel", False)
     checkpoint = utils.load_checkpoint(path)
     return model_from_checkpoint(checkpoint).to(device), checkpoint["classes"], checkpoint["preprocess"], \

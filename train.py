@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -175,11 +175,16 @@ def default_workers(world_size, device):
 
 
 def new_output_dir(data_name):
+    """Creates runs/<data name>-<date>-<time>: creating it claims it, so two runs started in the same second
+    (or by two launches at once) get two folders."""
     base = Path("runs") / f"{data_name}-{datetime.now():%Y%m%d-%H%M%S}"
     path, n = base, 2
-    while path.exists():
-        path, n = Path(f"{base}-{n}"), n + 1
-    return path
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            path, n = Path(f"{base}-{n}"), n + 1
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def load_data(args, rank, local_rank, world_size, device, output_dir, log):
     wanted, ignore = data.parse_class_list(args.classes), data.parse_class_list(args.ignore_classes) or []
     if args.train_csv:
         classes, train_samples, val_samples = data.load_csv_samples(
-            args.train_csv, args.val_csv, args.image_column, args.label_column, args.label_delimiter,
+            args.train_csv, args.val_csv, (args.image_column, args.label_column, args.label_delimiter),
             args.val_fraction, args.seed, log, args.strict, wanted, ignore, args.task == "multilabel")
     else:
         classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log,
@@ -221,6 +226,10 @@ def load_data(args, rank, local_rank, world_size, device, output_dir, log):
         val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess), strict=args.strict)
         train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank, world_size)
         val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
+    if len(train_loader) < args.accum_steps:
+        raise SystemExit(f"error: --accum-steps {args.accum_steps} is more than the {len(train_loader)} batch(es) of "
+                         f"-b {args.batch_size} in an epoch of {len(train_loader.sampler)} training images per "
+                         "process: lower --accum-steps or --batch-size")
     log(f"batch: {args.batch_size} per process x {world_size} process(es) x {args.accum_steps} accumulation "
         f"step(s) = {args.batch_size * world_size * args.accum_steps} images per update; "
         f"{0 if args.cache else args.workers} loader worker(s) per process; device {device}")
@@ -234,7 +243,7 @@ def spread_sample(loader, n):
     picks = np.linspace(0, size - 1, min(n, size)).astype(int)
     if isinstance(loader, data.CachedLoader):
         return loader.images[loader.rows[picks]].permute(0, 3, 1, 2)
-    return torch.stack([loader.dataset[i][0] for i in picks])
+    return torch.stack([image for image, _, _ in (loader.dataset[i] for i in picks) if image is not None])
 
 
 def decide_cache(args, n_images, side, log):
@@ -260,17 +269,25 @@ def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_ran
     source = Path(args.data) if args.data else Path(args.train_csv).parent
     folder = source / ".cache"
     if not os.access(source, os.W_OK):
-        folder = Path(output_dir or ".") / "cache"
+        folder = Path(output_dir) / "cache"  # the same for every process: the output folder is
     padded = args.train_crop == "padded"
     side = args.img_size if padded else preprocess["resize_size"]  # resized crops zoom into a margin
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if local_rank != 0:
-        torch.distributed.barrier()
-    train_array, train_rows = data.build_cache(train_samples, side, side, folder, workers, log, args.strict)
-    val_array, val_rows = data.build_cache(val_samples, preprocess["resize_size"], args.img_size, folder, workers,
-                                           log, args.strict)
-    if local_rank == 0 and world_size > 1:
-        torch.distributed.barrier()
+
+    def build():
+        val_side = preprocess["resize_size"], args.img_size
+        return (data.build_cache(train_samples, side, side, folder, workers, log, args.strict),
+                data.build_cache(val_samples, *val_side, folder, workers, log, args.strict))
+    if local_rank == 0:  # decodes; the others wait in agree_on_failure, then map its files
+        try:
+            built = build()
+        except BaseException:
+            utils.agree_on_failure(True)
+            raise
+    if utils.agree_on_failure(False):
+        raise SystemExit(f"error: process {rank}: the process that decodes the images into the cache failed; "
+                         "its error is in its output")
+    (train_array, train_rows), (val_array, val_rows) = built if local_rank == 0 else build()
     log(f"data: decoded images cached in {folder} ({train_array.nbytes / 2**20:.0f} + {val_array.nbytes / 2**20:.0f}"
         f" MiB, reused while the files are unchanged); augmented in batches on {device}")
     if padded:
@@ -286,14 +303,30 @@ def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_ran
     return train_loader, val_loader
 
 
+def make_model(args, num_classes, world_size, log):
+    """The model to train and its frozen stages. SyncBatchNorm replaces BatchNorm modules, so it comes before the
+    freezing, which must hold the modules that stay in the model."""
+    model = build_model(args.model, num_classes, args.pretrained, args.weights, log)
+    if args.dropout is not None:
+        set_head_dropout(model, args.dropout)
+    if args.sync_bn and world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    frozen = []
+    if args.freeze or args.freeze_backbone:
+        frozen = freeze(model, -1 if args.freeze_backbone else args.freeze, log)
+    return model, frozen
+
+
 # -----------------------------------------------------------------------------
 # optimisation: the learning rate is a pure function of the step
 
 def lr_at(step, total_steps, warmup_steps, base_lr, min_lr):
-    """Linear warmup from 0, then cosine decay to min_lr at total_steps."""
-    if step < warmup_steps:
+    """Linear warmup from 0 to base_lr at step warmup_steps - 1, then cosine decay to min_lr at the last step,
+    total_steps - 1."""
+    peak = max(warmup_steps - 1, 0)
+    if step < peak:
         return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step - peak) / max(1, total_steps - 1 - peak)
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -317,21 +350,21 @@ def make_optimizer(model, args, device):
 
 def make_scaler(amp, device):
     """fp16 needs a dynamic loss scale (its small gradients underflow). bf16 and fp32 do not, but the scaler also
-    skips every step whose gradients hold inf or NaN, so it runs for them too, at a scale of 1: multiplying by 1
-    changes nothing, and the scale only halves when a step is skipped."""
+    skips every step whose gradients hold inf or NaN, so it runs for them too, at a fixed scale of 1 (multiplying
+    by 1 changes nothing; optimizer_step sets it back to 1 after each update, which would halve it at a skip)."""
     if amp == "fp16":
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
 
 
-def optimizer_step(model, optimizer, scaler, clip_grad_norm=None):
+def optimizer_step(model, optimizer, scaler, clip_grad_norm=None, fixed_scale=True):
     """Unscale, clip, step (skipped if a gradient is not finite), zero the gradients. With a fused optimizer the
     skip is decided on the device; with a foreach one the scaler reads a flag: a sync point (free on the CPU)."""
     if clip_grad_norm:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)
-    scaler.update()
+    scaler.update(1.0 if fixed_scale else None)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -388,7 +421,7 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
             for group in optimizer.param_groups:
                 group["lr"] = lr
         # DDP all-reduces gradients in backward; between accumulation steps there is nothing to reduce yet
-        sync = nullcontext() if (update or not isinstance(model, DDP)) else model.no_sync()
+        sync = nullcontext() if (update or run["ddp_model"] is None) else run["ddp_model"].no_sync()
         with sync:
             with autocast(device, args.amp):
                 logits = model(images)
@@ -402,7 +435,7 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
         hits += count_hits(logits.detach(), labels)
         seen += len(labels)
         if update:
-            optimizer_step(model, optimizer, scaler, args.clip_grad_norm)
+            optimizer_step(model, optimizer, scaler, args.clip_grad_norm, fixed_scale=args.amp != "fp16")
             step += 1
             if ema_model is not None:
                 update_ema(ema_model, run["raw_model"], min(args.model_ema_decay, (1 + step) / (10 + step)))
@@ -473,17 +506,16 @@ def read_later(tensor):
     return read
 
 
-def end_early(args, run, epochs_done, best_epoch, epoch_seconds, log):
-    """--patience: the run ends when val top-1 has not improved for that many epochs. --time: after the first
-    epoch, the number of epochs is refitted to the hours given, and the lr schedule with it. Either way the
-    new args.epochs is saved in the checkpoint, so a resume sees where the run ends."""
-    if args.patience and epochs_done - best_epoch >= args.patience and epochs_done < args.epochs:
-        log(f"stopping early: val top-1 has not improved for {args.patience} epochs (best at epoch {best_epoch}, --patience)")
-        args.epochs = epochs_done
-    if args.time and epochs_done == 1:
-        args.epochs = max(1, int(args.time * 3600 / epoch_seconds))
-        run["total_steps"] = args.epochs * run["steps_per_epoch"]
-        log(f"--time {args.time:g} h: {epoch_seconds:.0f} s per epoch, so {args.epochs} epochs; the schedule follows")
+def epochs_for_time(hours, train_seconds, steps_run, steps_per_epoch, eval_seconds, device, log):
+    """--time: the number of epochs that fit in `hours`, from the first epoch: its training time, measured per step
+    (a run resumed inside the epoch ran only some of them), and its evaluation time. The slowest process's time
+    decides, so that every process fits the same number and follows the same schedule."""
+    epoch_seconds = train_seconds / steps_run * steps_per_epoch + eval_seconds
+    epoch_seconds = utils.all_reduce_max(torch.tensor(epoch_seconds, dtype=torch.float64, device=device)).item()
+    epochs = max(1, int(hours * 3600 / epoch_seconds))
+    log(f"--time {hours:g} h: {epoch_seconds:.2f} s per epoch (training measured over {steps_run} of {steps_per_epoch} "
+        f"steps), so {epochs} epochs; the schedule follows")
+    return epochs
 
 
 def exit_for_resume(where, output_dir, log):
@@ -563,12 +595,26 @@ def append_results(path, row, columns):
 
 # -----------------------------------------------------------------------------
 
+@contextmanager
+def stop_on_signals():
+    """SIGTERM (a cluster preempting the job) and Ctrl-C set the event it gives: the loop finishes its step, saves,
+    then stops. The previous handlers come back at the end (train.main may run inside another program)."""
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # SIGTERM (a cluster preempting the job) and Ctrl-C: finish the current step, save, then stop
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    with stop_on_signals() as stop, utils.deterministic_mode(args.deterministic):
+        train(args, stop)
+
+
+def train(args, stop):
     checkpoint = None
     if args.resume:
         args, checkpoint = resume_args(args)
@@ -579,16 +625,16 @@ def main(argv=None):
         raise SystemExit("error: --sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop the flag")
     if args.workers is None:
         args.workers = default_workers(world_size, device)
-    utils.set_deterministic(args.deterministic)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores: ~same accuracy, much faster matmuls
         torch.backends.cudnn.allow_tf32 = True
 
-    # output folder and log: rank 0 writes, the others stay quiet
+    # output folder and log: rank 0 makes the folder and writes, every process knows the folder, the others stay quiet
     if rank == 0 and args.output_dir is None:
         name = Path(args.train_csv).stem if args.train_csv else Path(args.data or SHAPES_DIR).resolve().name
         args.output_dir = str(new_output_dir(name))
-    output_dir = Path(args.output_dir) if args.output_dir else None
+    args.output_dir = utils.broadcast_object(args.output_dir)
+    output_dir = Path(args.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
     log = utils.make_logger(output_dir / "train.log" if rank == 0 else None, enabled=rank == 0)
@@ -607,12 +653,7 @@ def main(argv=None):
 
     # model
     utils.seed_everything(args.seed)  # the same initial weights in every process
-    model = build_model(args.model, len(classes), args.pretrained, args.weights, log)
-    frozen = freeze(model, -1 if args.freeze_backbone else args.freeze, log) if args.freeze or args.freeze_backbone else []
-    if args.dropout is not None:
-        set_head_dropout(model, args.dropout)
-    if args.sync_bn and world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model, frozen = make_model(args, len(classes), world_size, log)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     normalize = data.make_normalize(preprocess, device, args.channels_last)
     if hasattr(model, "whiten_stem") and not args.weights and checkpoint is None:
@@ -629,6 +670,7 @@ def main(argv=None):
     scaler = make_scaler(args.amp, device)
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp_model = model if world_size > 1 else None  # whose no_sync skips the all-reduce between accumulation steps
     if args.compile:
         model = torch.compile(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.task == "single" else nn.BCEWithLogitsLoss()
@@ -661,20 +703,25 @@ def main(argv=None):
     run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model,
            "classes": classes, "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
            "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "steps_per_epoch": steps_per_epoch,
-           "normalize": normalize, "frozen": frozen, "stop": stop, "save_last": save_last}
+           "normalize": normalize, "frozen": frozen, "stop": stop, "save_last": save_last, "ddp_model": ddp_model}
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         trim_results(output_dir / "results.csv", start_epoch, RESULTS_COLUMNS[args.task])
 
     # the loop (`while`, not `for`: --time and --patience change args.epochs on the way)
-    started, epoch = time.perf_counter(), start_epoch
+    epoch = start_epoch
     while epoch < args.epochs:
+        epoch_start_step = step
         step, stats = train_one_epoch(model, ema_model, train_loader, optimizer, scaler, criterion, mix, epoch, step, run)
         if stats is None:
             exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}", output_dir, log)
-        eval_model = ema_model if ema_model is not None else model
+        # the unwrapped model (a DDP model would sync its buffers in its first forward, a collective that a process
+        # without validation images never makes), with rank 0's BatchNorm statistics: the model that is saved
+        eval_start, eval_model = time.perf_counter(), ema_model if ema_model is not None else raw_model
+        utils.broadcast_buffers(eval_model)
         metrics = EVALUATE[args.task](eval_model, val_loader, device, len(classes), preprocess, args.amp,
                                       args.channels_last, tta=args.tta)
+        eval_seconds = time.perf_counter() - eval_start
         # best.pt: by val top-1, or micro F1 for multilabel; strictly better, so a tie never replaces the best
         is_best = metrics["score"] > best_score
         best_score, best_epoch = (metrics["score"], epoch + 1) if is_best else (best_score, best_epoch)
@@ -686,7 +733,15 @@ def main(argv=None):
                 "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
                 "val_loss": metrics["loss"], **metrics["columns"], "seconds": stats["seconds"],
                 "images_per_s": stats["images_per_s"]}, RESULTS_COLUMNS[args.task])
-        end_early(args, run, epoch + 1, best_epoch, (time.perf_counter() - started) / (epoch + 1 - start_epoch), log)
+        if args.time and epoch == 0:
+            # the new args.epochs is saved in the checkpoint: a resumed run ends where this one would
+            args.epochs = epochs_for_time(args.time, stats["seconds"], step - epoch_start_step, steps_per_epoch,
+                                          eval_seconds, device, log)
+            run["total_steps"] = args.epochs * steps_per_epoch
+        if args.patience and epoch + 1 - best_epoch >= args.patience and epoch + 1 < args.epochs:
+            log(f"stopping early: val top-1 has not improved for {args.patience} epochs (best at epoch {best_epoch}, "
+                "--patience)")
+            args.epochs = epoch + 1
         save_last(epoch + 1, step, metrics, is_best)
         if epoch + 1 < args.epochs and check_flags(run, 0, torch.zeros((), device=device), force=True):
             exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)

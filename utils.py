@@ -5,6 +5,7 @@ Plain functions, no state of their own: each script calls what it needs from mai
 import datetime
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,10 @@ def default_device():
 
 
 def cleanup_distributed():
+    """Ends the process group once every process is done with it (tearing it down while a peer still talks to it
+    can abort the process)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -61,6 +65,34 @@ def all_reduce_max(tensor):
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def broadcast_object(value):
+    """Rank 0's value (any picklable object) on every process; the value itself on one process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_buffers(module):
+    """Copies rank 0's buffers (BatchNorm statistics) to every process, so that all evaluate the model that rank 0
+    saves. DDP broadcasts them before each training forward, but each process's last forward changes its own."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def agree_on_failure(failed):
+    """Every process says whether it failed; all of them stop if any did. Called where one process works (builds
+    a cache) while the others wait for it: they learn of its error at once instead of waiting at a collective until
+    the timeout (NCCL does not notice a dead peer). Returns whether another process failed."""
+    if not dist.is_initialized():
+        return False
+    flags = torch.tensor([float(failed)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item()) and not failed
 
 
 def all_gather_cat(tensor):
@@ -94,12 +126,20 @@ def seed_everything(seed):
     np.random.seed(seed % 2**32)
 
 
-def set_deterministic(deterministic):
-    """cudnn autotuning picks the fastest kernels but not always the same ones: off when asked for repeatability."""
+@contextmanager
+def deterministic_mode(deterministic):
+    """cudnn autotuning picks the fastest kernels but not always the same ones: off when asked for repeatability.
+    The previous settings come back at the end (train.main may run inside another program)."""
+    previous = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous[0]
+        torch.use_deterministic_algorithms(previous[1])
 
 
 # -----------------------------------------------------------------------------
@@ -109,8 +149,8 @@ def unwrap_state_dict(state_dict):
     """Drops the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes so a checkpoint loads anywhere."""
     clean = {}
     for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.replace(prefix, "")
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
         clean[key] = value
     return clean
 

@@ -61,14 +61,19 @@ def png_header_only(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def truncated_jpeg():
+    """The first three quarters of a JPEG file: it passes the header scan and fails to decode."""
+    from io import BytesIO
+    buffer = BytesIO()
+    data.draw_shape("circle", np.random.default_rng(1)).save(buffer, format="JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) * 3 // 4]
+
+
 def write_messy_files(folder):
     """Files people really have in a dataset folder. Returns {name: is it unusable as an image}."""
     from io import BytesIO
     from PIL import Image
     folder = Path(folder)
-    buffer = BytesIO()
-    data.draw_shape("circle", np.random.default_rng(1)).save(buffer, format="JPEG")
-    jpeg = buffer.getvalue()
     buffer = BytesIO()
     Image.new("RGB", (40, 40), (9, 9, 9)).save(buffer, format="PNG")
     files = {
@@ -76,7 +81,7 @@ def write_messy_files(folder):
         "text.jpg": (b"this is not a picture\n", True),
         "corrupt.png": (b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, True),
         "bomb.png": (png_header_only(30000, 30000), True),
-        "truncated.jpg": (jpeg[: len(jpeg) * 3 // 4], True),  # passes the header scan, fails to decode
+        "truncated.jpg": (truncated_jpeg(), True),  # passes the header scan, fails to decode
         "truncated.png": (buffer.getvalue()[:60], True),
         "notes.txt": (b"ignored", False),
         ".DS_Store": (b"\0\1", False),

@@ -28,14 +28,23 @@ def csv_dataset(tmp_path_factory):
 
 
 def test_train_and_evaluate_from_csv(csv_dataset, tmp_path):
+    """Integer ids as labels, one of them ignored: the run trains on the other two, and evaluate.py leaves the
+    ignored class's rows of the val CSV out as the run did."""
+    names = ["circle", "square", "triangle"]
+    for split in ("train", "val"):
+        rows = [(p, names.index(label)) for p, label in csv.reader(open(csv_dataset / f"{split}.csv"))
+                if label != "label"]
+        write_csv(tmp_path / f"{split}.csv", [(str(csv_dataset / p), i) for p, i in rows])
     out = tmp_path / "run"
-    run_script("train.py", "--train-csv", csv_dataset / "train.csv", "--val-csv", csv_dataset / "val.csv",
-               "--epochs", 1, "--model", "smallnet_tiny", "-b", 8, "--workers", 0, "--output-dir", out)
+    run_script("train.py", "--train-csv", tmp_path / "train.csv", "--val-csv", tmp_path / "val.csv", "--ignore-classes",
+               "1", "--epochs", 1, "--model", "smallnet_tiny", "-b", 8, "--workers", 0, "--output-dir", out)
     checkpoint = torch.load(out / "best.pt", weights_only=True)
-    assert checkpoint["classes"] == ["circle", "square", "triangle"]
-    run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", csv_dataset / "val.csv", "--json", tmp_path / "m.json")
+    assert checkpoint["classes"] == ["0", "2"] and checkpoint["metrics"]["count"] == 12
+    run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", tmp_path / "val.csv", "--json",
+               tmp_path / "m.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["count"] == 18 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
+    assert metrics["count"] == 12 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
+    assert metrics["per_class_count"] == [6, 6]
 
 
 def test_csv_integer_ids_and_class_list(csv_dataset, tmp_path):

@@ -171,9 +171,10 @@ def test_two_processes_see_the_global_batch_of_one(image_folder):
 
 
 def test_eval_shards_count_every_image_once(image_folder):
-    dataset = list(range(7))
+    dataset = [(torch.zeros(1), i, "") for i in range(7)]  # (image, target, why it did not decode)
     device = torch.device("cpu")
-    seen = [i for rank in range(2) for batch in data.make_eval_loader(dataset, 2, 0, device, rank, 2) for i in batch.tolist()]
+    seen = [i for rank in range(2) for _, targets in data.make_eval_loader(dataset, 2, 0, device, rank, 2)
+            for i in targets.tolist()]
     assert sorted(seen) == list(range(7))
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import shlex
 import socket
 import subprocess
 import sys
@@ -45,14 +46,29 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_two_processes_write_the_same_files(image_folder, tmp_path):
-    out = tmp_path / "ddp"
-    result = torchrun("train.py", "--data", image_folder, "--epochs", 2, "--model", "smallnet_tiny", "-b", 4,
-                      "--workers", 0, "--output-dir", out)
+TWO_PROCESSES = ["--epochs", 2, "--model", "smallnet_tiny", "-b", 4, "--workers", 0, "--model-ema"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, torchrun("train.py", "--data", image_folder, *TWO_PROCESSES, "--output-dir", out)
+
+
+def test_two_processes_write_the_same_files(two_process_run, image_folder, tmp_path):
+    out, result = two_process_run
     assert {"last.pt", "best.pt", "results.csv", "args.json", "train.log"} <= {p.name for p in out.iterdir()}
     assert "4 per process x 2 process(es) x 1 accumulation step(s) = 8 images per update" in result.stdout
     assert result.stdout.count("epoch 2/2  train loss") == 1  # rank 1 stays quiet
     assert not any(k.startswith("module.") for k in weights(out / "last.pt"))
+    # each process evaluated its half of val with the EMA that rank 0 saved (the same BatchNorm statistics)
+    best = torch.load(out / "best.pt", weights_only=True)
+    run_script("evaluate.py", "--ckpt", out / "best.pt", "--data", image_folder, "--workers", 0, "--json",
+               tmp_path / "m.json")
+    alone = json.loads((tmp_path / "m.json").read_text())
+    assert alone["count"] == best["metrics"]["count"] == 18
+    assert alone["loss"] == pytest.approx(best["metrics"]["loss"], rel=1e-5)
+    assert alone["top1"] == best["metrics"]["top1"]
     # a different number of processes cannot continue this run
     resumed = run_script("train.py", "--resume", out / "last.pt", check=False)
     assert resumed.returncode != 0 and "2 process(es)" in resumed.stderr
@@ -110,20 +126,44 @@ def test_odd_validation_set_is_counted_exactly_once(trained_run, tmp_path):
     assert double["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
-def test_two_nodes_train_together(image_folder, tmp_path):
+def test_two_nodes_train_together(image_folder, two_process_run, tmp_path):
+    """Two nodes of one process each train exactly as one node of two processes."""
     port = free_port()
     out = tmp_path / "multinode"
     procs = []
     for node_rank in (0, 1):
         launcher = ("--nnodes=2", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}")
         cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node=1", str(ROOT / "train.py"),
-               "--data", str(image_folder), "--epochs", "1", "--model", "smallnet_tiny", "-b", "4", "--workers", "0",
-               "--output-dir", str(out)]
+               "--data", str(image_folder), *map(str, TWO_PROCESSES), "--output-dir", str(out)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert any("x 2 process(es)" in o for o in outputs)
-    assert (out / "last.pt").exists()
+    one_node, two_nodes = (torch.load(d / "last.pt", weights_only=True) for d in (two_process_run[0], out))
+    for key in ("model", "model_ema"):
+        assert all(torch.equal(one_node[key][k], two_nodes[key][k]) for k in one_node[key]), key
+
+
+def test_read_only_data_and_a_process_without_validation_images(tmp_path):
+    """A dataset on a read-only file system: the cache goes to the output folder, which every process knows, so it
+    is decoded once. One validation image for two processes: the second evaluates none and must still take part."""
+    root = write_image_folder(tmp_path / "ds", n_train=8, n_val=1)
+    for extra in sorted((root / "val").rglob("*.*"))[1:]:
+        extra.unlink()
+    # a read-only bind mount of the dataset onto itself, in a mount namespace of the job's own (root may write
+    # anywhere else; no privileges needed: the user namespace maps the user to root inside it)
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (a user and mount namespace) is not available here")
+    job = shlex.join([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                      str(ROOT / "train.py"), "--data", str(root), "--epochs", "1", "--model", "smallnet_tiny",
+                      "-b", "4", "--workers", "0", "--cache", "--output-dir", str(tmp_path / "run")])
+    script = f"mount --bind -o ro {shlex.quote(str(root))} {shlex.quote(str(root))} && exec {job}"
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=180,
+                            env=ENV, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "cache").exists() and not (root / ".cache").exists()
+    assert len(list((tmp_path / "run" / "cache").glob("*.npy"))) == 2  # train and val, once
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["metrics"]["count"] == 1
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(image_folder, tmp_path):
@@ -141,14 +181,41 @@ def test_more_processes_than_gpus_is_a_clear_error(image_folder, tmp_path):
 
 
 def test_one_failing_process_ends_the_job(tmp_path):
-    """A truncated image with --strict crashes the process that decodes it; the other must not hang."""
+    """A truncated image with --strict stops the process that decodes the cache; the others end at once with a
+    clear message, also when no torchrun agent is there to kill them (processes started by hand, as a cluster's
+    scheduler does)."""
     root = write_image_folder(tmp_path / "ds")
     from conftest import write_messy_files
     write_messy_files(root / "train" / "circle")
     for name in ("zero.jpg", "text.jpg", "corrupt.png", "bomb.png"):  # keep only what the header scan lets through
         (root / "train" / "circle" / name).unlink()
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(root), "--epochs", "3", "--model", "smallnet_tiny",
+           "-b", "4", "--workers", "0", "--strict", "--output-dir", str(tmp_path / "run")]
     start = time.time()
-    result = torchrun("train.py", "--data", root, "--epochs", 3, "--model", "smallnet_tiny", "-b", 4, "--workers", 0,
-                      "--strict", "--output-dir", tmp_path / "run", check=False)
-    assert result.returncode != 0 and time.time() - start < 120
-    assert "truncated." in result.stdout + result.stderr
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**ENV, **rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs) and time.time() - start < 60
+    assert "truncated.jpg" in outputs[0] and "--strict" in outputs[0]
+    assert "error: process 1: the process that decodes the images into the cache failed" in outputs[1]
+    assert "Traceback" not in outputs[0] + outputs[1]
+
+
+def test_time_budget_is_one_number_for_every_process(tmp_path):
+    """Each process times its own first epoch; all must fit the same number of epochs, or they follow different
+    schedules and one ends up waiting alone in a collective."""
+    script = tmp_path / "fit.py"
+    script.write_text(f"""import sys, pathlib
+sys.path.insert(0, {str(ROOT)!r})
+import train, utils
+rank, _, _, device = utils.setup_distributed("cpu")
+epochs = train.epochs_for_time(0.001, 1.0 + 0.9 * rank, 10, 10, 0.0, device, lambda *_: None)  # 3.6 s
+pathlib.Path({str(tmp_path)!r}, f"rank{{rank}}").write_text(str(epochs))
+utils.cleanup_distributed()
+""")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(script)], capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr
+    fitted = [int((tmp_path / f"rank{rank}").read_text()) for rank in (0, 1)]
+    assert fitted == [1, 1]  # the slower process's 1.9 s per epoch decides: 1 epoch, not 3

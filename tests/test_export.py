@@ -9,10 +9,12 @@ from conftest import run_script
 
 
 def test_torchscript_round_trip_without_our_code(trained_run, image_folder, tmp_path):
+    """Any file name (here model.ts): the JSON beside it is named after the whole file, so a TorchScript and an
+    ONNX export of one checkpoint do not share one, and predict.py knows an export by it, not by its suffix."""
     run_dir, _ = trained_run
-    result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--output", tmp_path / "model.torchscript")
+    result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--output", tmp_path / "model.ts")
     assert "largest difference from PyTorch on a sample batch" in result.stdout
-    meta = json.loads((tmp_path / "model.json").read_text())
+    meta = json.loads((tmp_path / "model.ts.json").read_text())
     assert meta["classes"] == ["circle", "square", "triangle"] and meta["preprocess"]["img_size"] == 32
     # a fresh interpreter in another folder, with torch, torchvision and PIL only: our modules cannot be imported
     images = sorted(str(p) for p in (image_folder / "val").rglob("*.*g"))
@@ -21,11 +23,11 @@ import json, sys, torch
 from PIL import Image
 from torchvision.transforms import v2
 assert "data" not in sys.modules
-meta = json.load(open({str(tmp_path / 'model.json')!r}))
+meta = json.load(open({str(tmp_path / 'model.ts.json')!r}))
 p = meta["preprocess"]
 transform = v2.Compose([v2.Resize(p["resize_size"]), v2.CenterCrop(p["img_size"]), v2.ToImage(),
                         v2.ToDtype(torch.float32, scale=True), v2.Normalize(p["mean"], p["std"])])
-model = torch.jit.load({str(tmp_path / 'model.torchscript')!r})
+model = torch.jit.load({str(tmp_path / 'model.ts')!r})
 batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in {images!r}])
 print(json.dumps([meta["classes"][i] for i in model(batch).argmax(1).tolist()]))
 """
@@ -33,7 +35,7 @@ print(json.dumps([meta["classes"][i] for i in model(batch).argmax(1).tolist()]))
     exported = json.loads(out.stdout)
     predicted = json.loads(run_script("predict.py", *images, "--ckpt", run_dir / "best.pt", "--json").stdout)
     assert exported == [r["predictions"][0]["class"] for r in predicted]  # the same top-1, image by image
-    from_export = json.loads(run_script("predict.py", *images, "--ckpt", tmp_path / "model.torchscript", "--json").stdout)
+    from_export = json.loads(run_script("predict.py", *images, "--ckpt", tmp_path / "model.ts", "--json").stdout)
     assert [r["predictions"][0]["class"] for r in from_export] == exported
 
 
@@ -41,7 +43,7 @@ def test_half_precision_export_predicts_like_the_checkpoint(trained_run, image_f
     """export.py --half: float16 weights; predict.py feeds the file float16 images and names the same classes."""
     run_dir, _ = trained_run
     run_script("export.py", "--ckpt", run_dir / "best.pt", "--half", "--output", tmp_path / "half.torchscript")
-    assert json.loads((tmp_path / "half.json").read_text())["input"].startswith("float16")
+    assert json.loads((tmp_path / "half.torchscript.json").read_text())["input"].startswith("float16")
     images = sorted(str(p) for p in (image_folder / "val").rglob("*.*g"))
     top1 = [[r["predictions"][0]["class"] for r in json.loads(run_script(
         "predict.py", *images, "--ckpt", ckpt, "--json").stdout)] for ckpt in (run_dir / "best.pt", tmp_path / "half.torchscript")]

@@ -1,6 +1,10 @@
 """Fine-tuning controls and training plots: --weights of our runs, --freeze, --dropout, --patience, --time,
 --save-period, results.png and confusion_matrix.png."""
 import csv
+import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +13,7 @@ from PIL import Image
 
 import model as models
 import utils
-from conftest import run_script, write_image_folder
+from conftest import ROOT, run_script, write_image_folder
 
 TINY = ["--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
 
@@ -67,15 +71,43 @@ def test_patience_stops_and_the_run_counts_as_finished(image_folder, tmp_path):
     assert "finished run" in again.stdout
 
 
-def test_time_budget_refits_the_epochs(image_folder, tmp_path):
+def test_time_budget_refits_the_epochs_and_the_schedule(image_folder, tmp_path):
+    """--time, stopped after the first step and resumed: the epoch time is measured over the steps the resumed run
+    took (5 of 6), not taken from them as if they were a whole epoch; the run ends after the fitted number of epochs,
+    and the cosine schedule reaches --lr-min at the last step of the last of them."""
+    import train
     out = tmp_path / "timed"
-    result = run_script("train.py", "--data", image_folder, "--epochs", 1000, *TINY, "--time", 0.003,
-                        "--output-dir", out)  # 10.8 seconds
-    assert "--time 0.003 h:" in result.stdout
-    epochs = torch.load(out / "last.pt", weights_only=True)["epoch"]
-    assert 1 <= epochs < 1000
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(image_folder), "--epochs", "1000", *TINY,
+           "--time", "0.002", "--lr-min", "0.001", "--output-dir", str(out)]  # 7.2 seconds
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("batch:"):  # about to start the first step
+            process.send_signal(signal.SIGTERM)
+            break
+    assert process.wait(timeout=120) == 143
+    result = run_script("train.py", "--resume", out / "last.pt")
+    fitted = re.search(r"--time 0.002 h: ([\d.]+) s per epoch \(training measured over 5 of 6 steps\), so (\d+) epochs",
+                       result.stdout)
+    assert fitted, result.stdout
+    epochs = int(fitted.group(2))
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    assert 1 <= epochs < 1000 and checkpoint["epoch"] == checkpoint["args"]["epochs"] == epochs
     with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == epochs
+        rows = list(csv.DictReader(f))
+    assert len(rows) == epochs
+    schedule = [train.lr_at(6 * e - 1, 6 * epochs, 6, 0.05, 0.001) for e in range(1, epochs + 1)]  # warmup 1 epoch
+    assert [float(r["lr"]) for r in rows] == pytest.approx(schedule, rel=1e-5) and schedule[-1] == 0.001
+
+
+def test_sync_bn_keeps_frozen_batchnorm_frozen():
+    """SyncBatchNorm replaces resnet's top-level bn1: the frozen stages must be the modules left in the model."""
+    import train
+    args = train.parse_args(["--model", "resnet18", "--freeze", "2", "--sync-bn"])
+    model, frozen = train.make_model(args, 3, 2, log=lambda *_: None)
+    assert isinstance(model.bn1, torch.nn.SyncBatchNorm) and model.bn1 in frozen
+    model.train()
+    models.keep_frozen_in_eval(frozen)
+    assert not model.bn1.training and not model.bn1.weight.requires_grad and model.layer1[0].bn1.training
 
 
 def test_plots_are_written_and_legible(trained_run, image_folder, tmp_path):
