@@ -202,10 +202,9 @@ def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, uninterr
     assert "finished run" in again.stdout
 
 
+@pytest.mark.parametrize("uninterrupted", ["cache"], indirect=True)  # one path: the signal handling is the same
 def test_sigterm_saves_mid_epoch_and_resumes_exactly(image_folder, tmp_path, uninterrupted):
     path, full = uninterrupted
-    if path != "cache":
-        pytest.skip("one path is enough: the signal handling is the same")
     out = tmp_path / "preempted"
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(image_folder), *map(str, RESUME_ARGS), *PATHS[path],
            "--output-dir", str(out)]
