@@ -224,7 +224,8 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
         reader = csv.DictReader(f)
         for column in (image_column, label_column):
             if column not in (reader.fieldnames or []):
-                raise SystemExit(f"error: {csv_path} has no column {column!r} (it has: {', '.join(reader.fieldnames or [])}); "
+                raise SystemExit(f"error: {csv_path} has no column {column!r} "
+                                 f"(it has: {', '.join(reader.fieldnames or [])}); "
                                  "name the columns with --image-column and --label-column")
         rows = []
         for line, row in enumerate(reader, start=2):  # line 1 is the header
@@ -564,7 +565,8 @@ def build_cache(samples, resize, side, folder, workers=0, log=print, strict=Fals
     if bad:
         listing = "\n".join(f"  {why}" for _, why in bad)
         if strict:
-            raise SystemExit(f"error: {len(bad)} image file(s) could not be decoded (--strict stops on them):\n{listing}")
+            raise SystemExit(f"error: {len(bad)} image file(s) could not be decoded (--strict stops on them):\n"
+                             f"{listing}")
         log(f"warning: skipping {len(bad)} image file(s) that could not be decoded:\n{listing}")
     usable = np.setdiff1d(np.arange(len(samples)), [i for i, _ in bad])
     # copy-on-write: writable, as torch.from_numpy wants; never written, so its pages stay the page cache's,

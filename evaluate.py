@@ -11,23 +11,12 @@
 import argparse
 import csv
 import json
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
 import data
 import utils
 from model import model_from_checkpoint
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
-
-def autocast(device, amp):
-    """Mixed precision context for "bf16" | "fp16" | "off"."""
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
 
 def tta_logits(model, images):
     """Test-time augmentation: the mean of the logits of the image and its mirror image, and for small images
@@ -43,21 +32,26 @@ def tta_logits(model, images):
     return torch.stack([model(view).float() for view in views]).mean(0)
 
 
+def batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
+    """(float32 logits, targets) of every batch of the loader, on the device: the loop both metrics share."""
+    model.eval()
+    normalize = data.make_normalize(preprocess, device, channels_last)
+    for images, targets in loader:
+        images = normalize(images.to(device, non_blocking=True))
+        with utils.autocast(device, amp):
+            logits = tta_logits(model, images) if tta else model(images).float()
+        yield logits.float(), targets.to(device, non_blocking=True)
+
+
 @torch.inference_mode()
 def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5, tta=False):
     """Sums over the whole (sharded) loader, reduced over processes. Returns plain numbers.
     tta: average the logits over flipped and shifted views (tta_logits)."""
-    model.eval()
     ks = sorted({1, min(topk, num_classes)})  # top-5 of a 2-class problem is meaningless (and would crash)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
-    normalize = data.make_normalize(preprocess, device, channels_last)
-    for images, targets in loader:
-        images = normalize(images.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = tta_logits(model, images) if tta else model(images).float()
+    for logits, targets in batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
         loss_sum += F.cross_entropy(logits, targets, reduction="sum")
         correct += utils.topk_correct(logits, targets, ks)
         confusion.index_put_((targets, logits.argmax(1)), torch.ones_like(targets), accumulate=True)
@@ -89,15 +83,10 @@ def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off
                         tta=False, threshold=0.5):
     """Multilabel metrics over the whole (sharded) loader: F1 (micro and macro), mAP, per-class precision and
     recall at `threshold`. Average precision needs every score, so the shards are gathered (one exchange)."""
-    model.eval()
-    normalize = data.make_normalize(preprocess, device, channels_last)
     scores, labels = [], []
-    for images, targets in loader:
-        images = normalize(images.to(device, non_blocking=True))
-        with autocast(device, amp):
-            logits = tta_logits(model, images) if tta else model(images).float()
-        scores.append(logits.float())
-        labels.append(targets.to(device).float())
+    for logits, targets in batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
+        scores.append(logits)
+        labels.append(targets.float())
     scores = torch.cat(scores) if scores else torch.zeros(0, num_classes, device=device)
     labels = torch.cat(labels) if labels else torch.zeros(0, num_classes, device=device)
     scores, labels = utils.all_gather_cat(scores.cpu()), utils.all_gather_cat(labels.cpu())
@@ -111,7 +100,8 @@ def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off
     macro_f1 = 100 * f1[present].mean().item() if present.any() else 0.0
     mean_ap = 100 * average_precision(scores, truth)[present].mean().item() if present.any() else 0.0
     return {
-        "count": len(scores), "loss": loss, "threshold": threshold, "f1": micro_f1, "macro_f1": macro_f1, "map": mean_ap,
+        "count": len(scores), "loss": loss, "threshold": threshold, "f1": micro_f1, "macro_f1": macro_f1,
+        "map": mean_ap,
         "per_class_count": truth.sum(0).tolist(), "per_class_precision": (100 * precision).tolist(),
         "per_class_recall": (100 * recall).tolist(),
         "score": micro_f1,
@@ -142,7 +132,8 @@ def format_report(metrics, classes):
              f"top-{metrics['k']} {metrics['topk']:.2f}%", "", "per-class top-1:"]
     rows = [[name, str(n), f"{acc:.2f}%"] for name, n, acc in
             zip(classes, metrics["per_class_count"], metrics["per_class_top1"])]
-    lines += [utils.format_table(rows, ["class", "images", "top-1"]), "", "confusion matrix (rows: true, columns: predicted):"]
+    lines += [utils.format_table(rows, ["class", "images", "top-1"]), "",
+              "confusion matrix (rows: true, columns: predicted):"]
     short = [str(i) for i in range(len(classes))]
     rows = [[f"{i} {name}"] + [str(x) for x in row] for i, (name, row) in enumerate(zip(classes, metrics["confusion"]))]
     lines.append(utils.format_table(rows, ["true \\ predicted"] + short))
@@ -154,10 +145,12 @@ def write_csv(metrics, classes, path):
         writer = csv.writer(f)
         if "f1" in metrics:  # multilabel
             writer.writerow(["class", "positives", "precision", "recall"])
-            writer.writerows(zip(classes, metrics["per_class_count"], metrics["per_class_precision"], metrics["per_class_recall"]))
+            writer.writerows(zip(classes, metrics["per_class_count"], metrics["per_class_precision"],
+                                 metrics["per_class_recall"]))
             return
         writer.writerow(["class", "images", "top1"] + [f"predicted:{name}" for name in classes])
-        for name, n, acc, row in zip(classes, metrics["per_class_count"], metrics["per_class_top1"], metrics["confusion"]):
+        for name, n, acc, row in zip(classes, metrics["per_class_count"], metrics["per_class_top1"],
+                                     metrics["confusion"]):
             writer.writerow([name, n, f"{acc:.4f}"] + row)
 
 
@@ -165,18 +158,23 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
     parser.add_argument("--data", default=None, help="dataset folder with train/ and val/ or test/")
-    parser.add_argument("--val-csv", default=None, help="instead of --data: a CSV of images and labels (the training run's columns)")
+    parser.add_argument("--val-csv", default=None,
+                        help="instead of --data: a CSV of images and labels (the training run's columns)")
     parser.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     parser.add_argument("-b", "--batch-size", type=int, default=None,
                         help="per process (default: the training batch size, so numbers match training's)")
     parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes per process (default: 2)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--amp", default=None, choices=list(AMP_DTYPES), help="mixed precision (default: the training run's)")
-    parser.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, capped at the number of classes (default: 5)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (and 1/32-size shifts up to 64 px)")
+    parser.add_argument("--amp", default=None, choices=list(utils.AMP_DTYPES),
+                        help="mixed precision (default: the training run's)")
+    parser.add_argument("--topk", type=int, default=5,
+                        help="k of top-k accuracy, capped at the number of classes (default: 5)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average over flips (and 1/32-size shifts up to 64 px)")
     parser.add_argument("--plot", default=None, help="also draw the normalised confusion matrix into this PNG file")
     parser.add_argument("--json", default=None, help="also write all metrics to this JSON file")
-    parser.add_argument("--csv", default=None, help="also write per-class accuracy and the confusion matrix to this CSV file")
+    parser.add_argument("--csv", default=None,
+                        help="also write per-class accuracy and the confusion matrix to this CSV file")
     return parser
 
 
@@ -214,11 +212,13 @@ def main(argv=None):
     metrics = EVALUATE[task](model, loader, device, len(classes), preprocess, args.amp or train_args["amp"],
                              channels_last, args.topk, args.tta)
 
-    log(f"{args.ckpt} on {args.data or args.val_csv} ({args.split}{', with test-time augmentation' if args.tta else ''}):")
+    tta = ", with test-time augmentation" if args.tta else ""
+    log(f"{args.ckpt} on {args.data or args.val_csv} ({args.split}{tta}):")
     log(format_report(metrics, classes))
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
-            json.dump({"ckpt": args.ckpt, "data": args.data, "split": args.split, "classes": classes, **metrics}, f, indent=1)
+            json.dump({"ckpt": args.ckpt, "data": args.data, "split": args.split, "classes": classes, **metrics}, f,
+                      indent=1)
     if rank == 0 and args.csv:
         write_csv(metrics, classes, args.csv)
     if rank == 0 and args.plot and task == "single":

@@ -25,12 +25,16 @@ TOLERANCE = {False: 1e-3, True: 5e-2}  # largest logit difference accepted for f
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    parser.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"], help="(default: torchscript)")
+    parser.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"],
+                        help="(default: torchscript)")
     parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (for GPUs; CPUs run fp16 slowly)")
-    parser.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (TorchScript always accepts any)")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch of the sample used to export and check (default: 2)")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="ONNX: any batch size (TorchScript always accepts any)")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="batch of the sample used to export and check (default: 2)")
     parser.add_argument("--device", default="cpu", help="where to export and check (default: cpu)")
-    parser.add_argument("--output", default=None, help="output file (default: beside the checkpoint, .torchscript or .onnx)")
+    parser.add_argument("--output", default=None,
+                        help="output file (default: beside the checkpoint, .torchscript or .onnx)")
     return parser
 
 
@@ -53,7 +57,8 @@ def export_onnx(model, sample, path, dynamic_batch):
         import onnx  # noqa: F401  torch.onnx needs both
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"error: --format onnx needs the onnx and onnxscript packages ({e}): pip install onnx onnxscript")
+        raise SystemExit(f"error: --format onnx needs the onnx and onnxscript packages ({e}): "
+                         "pip install onnx onnxscript")
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None  # per input: dimension 0 may vary
     torch.onnx.export(model, (sample,), str(path), input_names=["images"], output_names=["logits"],
                       dynamic_shapes=dynamic, dynamo=True)
@@ -88,7 +93,8 @@ def main(argv=None):
     meta = {"format": args.format, "classes": checkpoint["classes"], "preprocess": checkpoint["preprocess"],
             "model_name": checkpoint["model_name"],
             "multilabel": checkpoint["args"].get("task") == "multilabel",
-            "input": f"float{16 if args.half else 32} [N, 3, {size}, {size}], normalised", "output": "logits [N, classes]"}
+            "input": f"float{16 if args.half else 32} [N, 3, {size}, {size}], normalised",
+            "output": "logits [N, classes]"}
     meta_path(path).write_text(json.dumps(meta, indent=1))
 
     if run_exported is not None:

@@ -71,7 +71,8 @@ class SmallNet(nn.Sequential):
         filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.flip(0).reshape(-1, c, k, k)  # largest first
         half = conv.out_channels // 2
         if half > len(filters) or conv.out_channels % 2:
-            raise ValueError(f"a whitening stem has an even width of at most {2 * len(filters)}, not {conv.out_channels}")
+            raise ValueError(f"a whitening stem has an even width of at most {2 * len(filters)}, "
+                             f"not {conv.out_channels}")
         conv.weight.copy_(torch.cat([filters[:half], -filters[:half]]))
 
 

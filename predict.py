@@ -77,7 +77,8 @@ def load_for_prediction(path, device):
         if meta.get("format", "torchscript") != "torchscript":
             raise SystemExit(f"error: {path} is an {meta['format']} export: predict.py runs checkpoints and "
                              "TorchScript exports (python export.py --ckpt CKPT); run ONNX files with onnxruntime")
-        return torch.jit.load(path, map_location=device), meta["classes"], meta["preprocess"], meta.get("multilabel", False)
+        model = torch.jit.load(path, map_location=device)
+        return model, meta["classes"], meta["preprocess"], meta.get("multilabel", False)
     checkpoint = utils.load_checkpoint(path)
     return model_from_checkpoint(checkpoint).to(device), checkpoint["classes"], checkpoint["preprocess"], \
         checkpoint["args"].get("task", "single") == "multilabel"
@@ -86,9 +87,12 @@ def load_for_prediction(path, device):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a .torchscript file of export.py")
-    parser.add_argument("--topk", type=int, default=5, help="classes to show per image, at most the number of classes (default: 5)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="multilabel models: list every class with a probability at least this (default: 0.5)")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint written by train.py, or a .torchscript file of export.py")
+    parser.add_argument("--topk", type=int, default=5,
+                        help="classes to show per image, at most the number of classes (default: 5)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="multilabel models: list every class with a probability at least this (default: 0.5)")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -108,12 +112,13 @@ def main(argv=None):
     if not results:
         raise SystemExit("error: none of the inputs could be read as an image")
     if args.json:
-        print(json.dumps([{"path": path, "predictions": [{"class": classes[i], "probability": round(p, 6)} for i, p in top]}
+        print(json.dumps([{"path": path,
+                           "predictions": [{"class": classes[i], "probability": round(p, 6)} for i, p in top]}
                           for path, top in results], indent=1))
     else:
         rows = [[path] + [f"{classes[i]} {p:.3f}" for i, p in top] for path, top in results]
         width = max(len(top) for _, top in results)
-        header = [f"top-{k + 1}" for k in range(width)] if threshold is None else [f"label {k + 1}" for k in range(width)]
+        header = [f"top-{k + 1}" if threshold is None else f"label {k + 1}" for k in range(width)]
         print(utils.format_table(rows, ["image"] + header))
     return results
 

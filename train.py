@@ -33,13 +33,14 @@ from torchvision.transforms import v2
 
 import data
 import utils
-from evaluate import AMP_DTYPES, EVALUATE, autocast
+from evaluate import EVALUATE
 from model import build_model, check_model_name, freeze, keep_frozen_in_eval, list_models, set_head_dropout
 
 # defaults that depend on the optimizer: SGD and AdamW want learning rates 100x apart
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "wd": 5e-4}, "adamw": {"lr": 1e-3, "wd": 0.05}}
 RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of images with every label right
-    "single": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds", "images_per_s"],
+    "single": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds",
+               "images_per_s"],
     "multilabel": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_f1", "val_macro_f1", "val_map",
                    "seconds", "images_per_s"],
 }
@@ -51,66 +52,88 @@ CHECK_EVERY = 10  # steps between reads of the stop and divergence flags (a sync
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bool_flag = argparse.BooleanOptionalAction
     # data
     p.add_argument("--data", default=None, help=f"dataset folder (default: generate a shapes demo in {SHAPES_DIR})")
-    p.add_argument("--train-csv", default=None, help="instead of --data: a CSV file of image paths and labels (paths relative to its folder)")
+    p.add_argument("--train-csv", default=None, help="instead of --data: a CSV of image paths (relative to it), labels")
     p.add_argument("--val-csv", default=None, help="the validation CSV (default: --val-fraction of --train-csv)")
     p.add_argument("--image-column", default="image", help="CSV column of the image paths (default: image)")
-    p.add_argument("--label-column", default="label", help="CSV column of the labels: class names or integer ids (default: label)")
-    p.add_argument("--label-delimiter", default=None, help="separator of several labels in one CSV cell (default: one label)")
-    p.add_argument("--task", default="single", choices=["single", "multilabel"], help="one class per image (softmax), or any number (sigmoid, BCE; CSV only) (default: single)")
-    p.add_argument("--classes", default=None, help="the classes, in index order: a,b,c or a file with one per line (default: sorted names found)")
+    p.add_argument("--label-column", default="label",
+                   help="CSV column of the labels: names or integer ids (default: label)")
+    p.add_argument("--label-delimiter", default=None,
+                   help="separator of several labels in one CSV cell (default: none)")
+    p.add_argument("--task", default="single", choices=["single", "multilabel"],
+                   help="one class per image (softmax), or any number (sigmoid; CSV only) (default: single)")
+    p.add_argument("--classes", default=None,
+                   help="the classes in index order: a,b,c or a file (default: sorted names)")
     p.add_argument("--ignore-classes", default=None, help="classes to leave out of the data: a,b or a file")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/ held out when there is no val/ or test/ (default: 0.1)")
-    p.add_argument("--img-size", type=int, default=None, help="training crop size (default: about the median short side of the images, a multiple of 32, at most 224)")
-    p.add_argument("--crop-pct", type=float, default=None, help="eval center crop / resized short side (default: 1.0 up to 64 px, else 0.875)")
-    p.add_argument("--train-crop", default=None, choices=["resized", "padded"], help="RandomResizedCrop, or a random crop of the reflect-padded image (default: padded up to 64 px, else resized)")
-    p.add_argument("--crop-padding", type=int, default=None, help="padded crop: shifts of up to this many px (default: 1/8 of --img-size; short runs like less)")
-    p.add_argument("--min-scale", type=float, default=0.25, help="smallest area share of RandomResizedCrop (default: 0.25; ImageNet recipes use 0.08, too harsh for short runs)")
-    p.add_argument("--auto-augment", default=None, choices=list(data.AUTO_AUGMENT), help="TrivialAugment, RandAugment or AugMix (default: none)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of train/ held out without val/ (default: 0.1)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="training crop size (default: from the images, at most 224)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="eval crop / resized side (default: 1 to 64 px, else 0.875)")
+    p.add_argument("--train-crop", default=None, choices=["resized", "padded"],
+                   help="RandomResizedCrop or a crop of the padded image (default: padded to 64 px, else resized)")
+    p.add_argument("--crop-padding", type=int, default=None,
+                   help="padded crop: largest shift in px (default: size / 8)")
+    p.add_argument("--min-scale", type=float, default=0.25,
+                   help="smallest area share of a resized crop (default: 0.25)")
+    p.add_argument("--auto-augment", default=None, choices=list(data.AUTO_AUGMENT),
+                   help="auto-augment policy (default: none)")
     p.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability (default: 0)")
     p.add_argument("--mixup-alpha", type=float, default=0.0, help="MixUp alpha, 0 is off (default: 0)")
     p.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix alpha, 0 is off (default: 0)")
-    p.add_argument("--strict", action="store_true", help="stop on unusable image files instead of skipping them with a warning")
-    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="decode every image once into a memory-mapped uint8 file (DATA/.cache), crop and flip whole batches on the device (default: on when the decoded images fit in a quarter of the memory and no per-image augmentation is asked)")
-    p.add_argument("-j", "--workers", type=int, default=None, help="data loading processes per training process (default: from the core count)")
+    p.add_argument("--strict", action="store_true", help="stop on unusable image files instead of skipping them")
+    p.add_argument("--cache", action=bool_flag, default=None,
+                   help="decode every image once, augment batches on the device (default: on for small sets)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="loader processes per process (default: from the cores)")
     # model
-    p.add_argument("--model", default=None, help="a name from --list-models (default: smallnet up to 64 px, else resnet18)")
+    p.add_argument("--model", default=None, help="a name of --list-models (default: smallnet to 64 px, else resnet18)")
     p.add_argument("--list-models", action="store_true", help="print the model names and exit")
-    p.add_argument("--pretrained", action="store_true", help="start from torchvision's default weights (downloads them)")
-    p.add_argument("--weights", default=None, help="start from a local state dict or checkpoint (a runs/x/best.pt: fine-tune it); a head of another shape is dropped")
-    p.add_argument("--freeze", type=int, default=0, help="freeze the first N stages (their BatchNorm statistics too) and train the rest (default: 0)")
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision's default weights (a download)")
+    p.add_argument("--weights", default=None,
+                   help="start from a local state dict or checkpoint (heads that differ: new)")
+    p.add_argument("--freeze", type=int, default=0,
+                   help="freeze the first N stages, BatchNorm statistics too (default: 0)")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the head (the last stage)")
-    p.add_argument("--dropout", type=float, default=None, help="dropout before the head, replacing the model's own (default: the model's)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout before the head (default: the model's own)")
     # optimisation
     p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
-    p.add_argument("-b", "--batch-size", type=int, default=64, help="images per process per step; global batch = this x processes x --accum-steps (default: 64)")
-    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: steps per optimizer update (default: 1)")
-    p.add_argument("--opt", default="sgd", choices=list(OPTIMIZER_DEFAULTS), help="SGD with Nesterov momentum, or AdamW (default: sgd)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, never rescaled for you (default: 0.05 for sgd, 1e-3 for adamw)")
+    p.add_argument("-b", "--batch-size", type=int, default=64, help="images per process per step (default: 64)")
+    p.add_argument("--accum-steps", type=int, default=1, help="steps per optimizer update (default: 1)")
+    p.add_argument("--opt", default="sgd", choices=list(OPTIMIZER_DEFAULTS),
+                   help="Nesterov SGD or AdamW (default: sgd)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=None, help="weight decay, not applied to norm and bias parameters (default: 5e-4 for sgd, 0.05 for adamw)")
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=None,
+                   help="weight decay, none on norms and biases (default: 5e-4 for sgd, 0.05 for adamw)")
     p.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup from 0, in epochs (default: 1)")
-    p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the end of the cosine decay (default: 0)")
+    p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the last step (default: 0)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: off)")
-    p.add_argument("--tta", action="store_true", help="evaluate every epoch with test-time augmentation (flips, and shifts up to 64 px), so best.pt is chosen by it; costs 2-6x the evaluation time")
-    p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; it is evaluated, selected and saved for use")
+    p.add_argument("--tta", action="store_true", help="evaluate with flips (and shifts) each epoch; best.pt follows it")
+    p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights: evaluated and saved for use")
     p.add_argument("--model-ema-decay", type=float, default=0.999, help="EMA decay per optimizer step (default: 0.999)")
     # speed and numerics
-    p.add_argument("--amp", default="bf16", choices=list(AMP_DTYPES), help="autocast dtype: bf16, fp16 (with a GradScaler) or off (default: bf16)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format, faster for convolutions on CPU and GPU (default: on)")
+    p.add_argument("--amp", default="bf16", choices=list(utils.AMP_DTYPES), help="autocast dtype (default: bf16)")
+    p.add_argument("--channels-last", action=bool_flag, default=True, help="NHWC memory format (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes (CUDA only)")
+    p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
     p.add_argument("--deterministic", action="store_true", help="bitwise repeatable runs (slower kernels on GPU)")
-    p.add_argument("--patience", type=int, default=0, help="stop when val top-1 has not improved for N epochs (default: 0, never)")
-    p.add_argument("--time", type=float, default=None, help="hours to train: after the first epoch --epochs is refitted to the time, and the schedule with it")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop when val top-1 stalls for N epochs (default: 0, never)")
+    p.add_argument("--time", type=float, default=None,
+                   help="hours to train: --epochs is refitted after the first epoch")
     # output
-    p.add_argument("--save-period", type=int, default=0, help="also keep epoch<N>.pt every N epochs (default: 0, never)")
-    p.add_argument("--output-dir", default=None, help="where files go (default: runs/<data folder name>-<date>-<time>)")
-    p.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N optimizer steps, for long epochs (default: 0, only at epoch ends)")
+    p.add_argument("--save-period", type=int, default=0,
+                   help="also keep epoch<N>.pt every N epochs (default: 0, never)")
+    p.add_argument("--output-dir", default=None, help="where files go (default: runs/<data name>-<date>-<time>)")
+    p.add_argument("--save-every-steps", type=int, default=0,
+                   help="also write last.pt every N steps (default: 0, never)")
     p.add_argument("--resume", default=None, help="continue from this last.pt, with the arguments it was started with")
     return p
 
@@ -221,10 +244,12 @@ def load_data(args, rank, local_rank, world_size, device, output_dir, log):
                                                   world_size, device, output_dir, log)
     else:
         train_set = data.ImageDataset(train_samples, data.train_transform(
-            args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase, padding=args.crop_padding),
+            args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase,
+            padding=args.crop_padding),
         args.seed, args.strict)
         val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess), strict=args.strict)
-        train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank, world_size)
+        train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank,
+                                              world_size)
         val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
     if len(train_loader) < args.accum_steps:
         raise SystemExit(f"error: --accum-steps {args.accum_steps} is more than the {len(train_loader)} batch(es) of "
@@ -291,7 +316,8 @@ def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_ran
     log(f"data: decoded images cached in {folder} ({train_array.nbytes / 2**20:.0f} + {val_array.nbytes / 2**20:.0f}"
         f" MiB, reused while the files are unchanged); augmented in batches on {device}")
     if padded:
-        augment = partial(data.translate_flip, pad=args.img_size // 8 if args.crop_padding is None else args.crop_padding)
+        pad = args.img_size // 8 if args.crop_padding is None else args.crop_padding
+        augment = partial(data.translate_flip, pad=pad)
     else:
         augment = partial(data.resized_crop_flip, size=args.img_size, min_scale=args.min_scale)
     train_targets = [target for _, target in train_samples]
@@ -423,7 +449,7 @@ def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix,
         # DDP all-reduces gradients in backward; between accumulation steps there is nothing to reduce yet
         sync = nullcontext() if (update or run["ddp_model"] is None) else run["ddp_model"].no_sync()
         with sync:
-            with autocast(device, args.amp):
+            with utils.autocast(device, args.amp):
                 logits = model(images)
                 loss = criterion(logits.float(), targets)
             scaler.scale(loss / args.accum_steps).backward()
@@ -537,7 +563,8 @@ class Progress:
         elapsed = time.perf_counter() - start
         eta = elapsed / max(step - self.first_step, 1) * (self.steps - step)
         return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(seen, 1):.4f}  lr {lr:.4g}  "
-                f"{seen / elapsed:.0f} img/s  data wait {100 * data_wait / elapsed:.0f}%  eta {timedelta(seconds=round(eta))}")
+                f"{seen / elapsed:.0f} img/s  data wait {100 * data_wait / elapsed:.0f}%  "
+                f"eta {timedelta(seconds=round(eta))}")
 
     def update(self, *state):
         if self.live and time.perf_counter() - self.last_draw > 1.0:
@@ -649,7 +676,8 @@ def train(args, stop):
         return
 
     # data
-    classes, preprocess, train_loader, val_loader = load_data(args, rank, local_rank, world_size, device, output_dir, log)
+    classes, preprocess, train_loader, val_loader = load_data(args, rank, local_rank, world_size, device, output_dir,
+                                                              log)
 
     # model
     utils.seed_everything(args.seed)  # the same initial weights in every process
@@ -673,7 +701,8 @@ def train(args, stop):
     ddp_model = model if world_size > 1 else None  # whose no_sync skips the all-reduce between accumulation steps
     if args.compile:
         model = torch.compile(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.task == "single" else nn.BCEWithLogitsLoss()
+    criterion = (nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.task == "single"
+                 else nn.BCEWithLogitsLoss())
     mix = make_mix(args, len(classes))
 
     start_epoch, step, best_score, best_epoch = 0, 0, -1.0, 0
@@ -712,9 +741,11 @@ def train(args, stop):
     epoch = start_epoch
     while epoch < args.epochs:
         epoch_start_step = step
-        step, stats = train_one_epoch(model, ema_model, train_loader, optimizer, scaler, criterion, mix, epoch, step, run)
+        step, stats = train_one_epoch(model, ema_model, train_loader, optimizer, scaler, criterion, mix, epoch, step,
+                                      run)
         if stats is None:
-            exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}", output_dir, log)
+            exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}",
+                            output_dir, log)
         # the unwrapped model (a DDP model would sync its buffers in its first forward, a collective that a process
         # without validation images never makes), with rank 0's BatchNorm statistics: the model that is saved
         eval_start, eval_model = time.perf_counter(), ema_model if ema_model is not None else raw_model
@@ -730,7 +761,8 @@ def train(args, stop):
             f"{stats['seconds']:.1f}s  {stats['images_per_s']:.0f} img/s" + ("  * best" if is_best else ""))
         if rank == 0:  # the row first: a resume from the previous last.pt trims it away again
             append_results(output_dir / "results.csv", {
-                "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_top1": stats["train_top1"],
+                "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
+                "train_top1": stats["train_top1"],
                 "val_loss": metrics["loss"], **metrics["columns"], "seconds": stats["seconds"],
                 "images_per_s": stats["images_per_s"]}, RESULTS_COLUMNS[args.task])
         if args.time and epoch == 0:
@@ -753,7 +785,8 @@ def train(args, stop):
         if args.task == "single":
             utils.plot_confusion(utils.load_checkpoint(output_dir / "best.pt")["metrics"]["confusion"], classes,
                                  output_dir / "confusion_matrix.png")
-    log(f"done: best val {'top-1' if args.task == 'single' else 'F1'} {best_score:.2f}% (epoch {best_epoch}); checkpoints, results.csv, results.png, "
+    log(f"done: best val {'top-1' if args.task == 'single' else 'F1'} {best_score:.2f}% (epoch {best_epoch}); "
+        "checkpoints, results.csv, results.png, "
         f"confusion_matrix.png and train.log in {output_dir}")
     utils.cleanup_distributed()
 

@@ -3,9 +3,10 @@
 Plain functions, no state of their own: each script calls what it needs from main().
 """
 import datetime
+import math
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,18 @@ def deterministic_mode(deterministic):
 
 
 # -----------------------------------------------------------------------------
+# mixed precision: the same autocast in training and evaluation
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def autocast(device, amp):
+    """Mixed precision context for "bf16" | "fp16" | "off"."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 def unwrap_state_dict(state_dict):
@@ -233,47 +246,59 @@ def plot_results(rows, path, val_score="val_top1"):
     """results.png: loss, and top-1 (val: `val_score`, F1 for multilabel) per epoch, train and val, from
     results.csv's rows (dicts of strings)."""
     from PIL import Image, ImageDraw
-    image = Image.new("RGB", (1000, 420), "white")
+    image = Image.new("RGB", (1000, 440), "white")
     draw = ImageDraw.Draw(image)
     epochs = [int(row["epoch"]) for row in rows]
     title = "top-1 (%)" if val_score == "val_top1" else f"train: all labels right; val: {val_score[4:]} (%)"
-    panels = [("loss", "train_loss", "val_loss"), (title, "train_top1", val_score)]
-    for i, (title, train_key, val_key) in enumerate(panels):
+    panels = [("loss", "train_loss", "val_loss", None), (title, "train_top1", val_score, (0, 100))]
+    for i, (title, train_key, val_key, limits) in enumerate(panels):
         series = [("train", [float(row[train_key]) for row in rows]), ("val", [float(row[val_key]) for row in rows])]
-        line_chart(draw, (80 + 500 * i, 40, 460 + 500 * i, 370), epochs, series, title)
+        line_chart(draw, (80 + 500 * i, 40, 460 + 500 * i, 370), epochs, series, title, limits)
     image.save(path)
 
 
-def line_chart(draw, box, xs, series, title):
+def nice_ticks(low, high, count=5, limits=None):
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) from below `low` to above `high`,
+    kept within `limits` (a percentage stays within 0-100)."""
+    if limits:
+        low, high = max(low, limits[0]), min(high, limits[1])
+    step = (high - low) / count or abs(high) / 10 or 1.0
+    power = 10 ** math.floor(math.log10(step))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= step * 0.999)
+    ticks = [round(step * k, 12) for k in range(math.floor(low / step), math.ceil(high / step) + 1)]
+    return [t for t in ticks if not limits or limits[0] <= t <= limits[1]]
+
+
+def line_chart(draw, box, xs, series, title, limits=None):
     from PIL import ImageFont
     font = ImageFont.load_default(size=13)
     left, top, right, bottom = box
-    values = [y for _, ys in series for y in ys if np.isfinite(y)] or [0.0]
-    low, high = min(values), max(values)
-    low, high = low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1)
+    values = [y for _, ys in series for y in ys if math.isfinite(y)] or [0.0]
+    y_ticks, x_ticks = nice_ticks(min(values), max(values), 5, limits), nice_ticks(xs[0], xs[-1], 8)
+    low, high = y_ticks[0], y_ticks[-1] if y_ticks[-1] > y_ticks[0] else y_ticks[0] + 1
+    x_ticks = [x for x in x_ticks if xs[0] <= x <= xs[-1] and x == int(x)] or xs[:1]
 
     def point(x, y):
         return (left + (x - xs[0]) / max(xs[-1] - xs[0], 1) * (right - left),
-                bottom - (y - low) / (high - low) * (bottom - top))
+                bottom - (min(max(y, low), high) - low) / (high - low) * (bottom - top))
     draw.rectangle(box, outline="black")
     draw.text(((left + right) / 2, top - 10), title, fill="black", font=font, anchor="md")
-    for k in range(6):
-        y = low + (high - low) * k / 5
+    for y in y_ticks:
         draw.line([(left - 4, point(xs[0], y)[1]), (left, point(xs[0], y)[1])], fill="black")
-        draw.text((left - 7, point(xs[0], y)[1]), f"{y:.3g}", fill="black", font=font, anchor="rm")
-    for x in xs[::max(1, len(xs) // 10)]:
+        draw.text((left - 7, point(xs[0], y)[1]), f"{y:g}", fill="black", font=font, anchor="rm")
+    for x in x_ticks:
         draw.line([(point(x, low)[0], bottom), (point(x, low)[0], bottom + 4)], fill="black")
-        draw.text((point(x, low)[0], bottom + 7), str(x), fill="black", font=font, anchor="mt")
+        draw.text((point(x, low)[0], bottom + 7), f"{x:g}", fill="black", font=font, anchor="mt")
     draw.text(((left + right) / 2, bottom + 26), "epoch", fill="black", font=font, anchor="mt")
     for i, (name, ys) in enumerate(series):
-        points = [point(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
+        points = [point(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
         if len(points) > 1:
             draw.line(points, fill=COLORS[name], width=2)
         for px, py in points:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=COLORS[name])
-        legend_y = top + 16 + 18 * i
-        draw.line([(left + 10, legend_y), (left + 28, legend_y)], fill=COLORS[name], width=2)
-        draw.text((left + 34, legend_y), name, fill=COLORS[name], font=font, anchor="lm")
+        legend_x = left + 60 * i  # below the axis, where no curve is
+        draw.line([(legend_x, bottom + 50), (legend_x + 18, bottom + 50)], fill=COLORS[name], width=2)
+        draw.text((legend_x + 24, bottom + 50), name, fill=COLORS[name], font=font, anchor="lm")
 
 
 def plot_confusion(confusion, classes, path):

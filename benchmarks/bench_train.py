@@ -34,11 +34,14 @@ def get_args():
     p.add_argument("--model", default="smallnet", help="model name (default: smallnet)")
     p.add_argument("--img-size", type=int, default=32, help="training image size (default: 32)")
     p.add_argument("-b", "--batch-size", type=int, default=256, help="batch size (default: 256)")
-    p.add_argument("--train-images", type=int, default=10000, help="training images used, taken evenly from the classes (default: 10000)")
-    p.add_argument("-j", "--workers", type=int, default=None, help="loader workers of (2) pil (default: train.py's choice)")
+    p.add_argument("--train-images", type=int, default=10000,
+                   help="training images used, taken evenly from the classes (default: 10000)")
+    p.add_argument("-j", "--workers", type=int, default=None,
+                   help="loader workers of (2) pil (default: train.py's choice)")
     p.add_argument("--epochs", type=int, default=2, help="train.py epochs; the last one is timed (default: 2)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu, for every run (default: the best available)")
-    p.add_argument("--runs", default="bare,pil,cache,naive", help="which of bare,pil,cache,naive,cache-ddp to run (default: the first four)")
+    p.add_argument("--runs", default="bare,pil,cache,naive",
+                   help="which of bare,pil,cache,naive,cache-ddp to run (default: the first four)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one in-process loop and print img/s
     return p.parse_args()
 
@@ -91,7 +94,8 @@ def naive_loop(args, data_dir, device):
         transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     dataset = datasets.ImageFolder(Path(data_dir) / "train", transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=2,
+                                         drop_last=True)
     model = build_model(args.model, len(dataset.classes), log=lambda *_: None).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     seen, start = 0, None
@@ -170,7 +174,8 @@ def subset_folder(data_dir, train_images, tmp):
 
 
 def measure(name, args, data_dir, out_dir):
-    common = ["--model", args.model, "--img-size", str(args.img_size), "-b", str(args.batch_size), "--device", args.device]
+    common = ["--model", args.model, "--img-size", str(args.img_size), "-b", str(args.batch_size),
+              "--device", args.device]
     if name in ("bare", "naive"):
         cmd = [sys.executable, __file__, "--only", name, "--data", str(data_dir), *common]
         output, peak = run_measured(cmd)

@@ -115,7 +115,8 @@ def multilabel_csv(tmp_path_factory):
 
 def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path):
     out = tmp_path / "ml"
-    result = run_script("train.py", "--train-csv", multilabel_csv / "train.csv", "--val-csv", multilabel_csv / "val.csv",
+    result = run_script("train.py", "--train-csv", multilabel_csv / "train.csv",
+                        "--val-csv", multilabel_csv / "val.csv",
                         "--task", "multilabel", "--label-delimiter", ";", "--img-size", 32, "--epochs", 2,
                         "--model", "smallnet_tiny", "-b", 8, "--workers", 0, "--output-dir", out)
     assert "F1" in result.stdout and "mAP" in result.stdout

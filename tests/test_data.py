@@ -166,7 +166,8 @@ def test_two_processes_see_the_global_batch_of_one(image_folder):
     single = [i for i, _ in one]
     shards = [[i for i, epoch in s] for s in ranks]
     for step in range(6):  # batch 8 on one process = batch 4 on each of two
-        assert sorted(single[8 * step:8 * step + 8]) == sorted(shards[0][4 * step:4 * step + 4] + shards[1][4 * step:4 * step + 4])
+        both = shards[0][4 * step:4 * step + 4] + shards[1][4 * step:4 * step + 4]
+        assert sorted(single[8 * step:8 * step + 8]) == sorted(both)
     assert all(epoch == 4 for _, epoch in one)
 
 
@@ -195,7 +196,8 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path):
     root = write_image_folder(tmp_path / "ds", n_train=4, splits=("train",))
     samples = data.list_images(root / "train", data.find_classes(root / "train"))
     array, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
-    assert array.shape == (len(samples), 32, 32, 3) and array.dtype == np.uint8 and list(rows) == list(range(len(samples)))
+    assert array.shape == (len(samples), 32, 32, 3) and array.dtype == np.uint8
+    assert list(rows) == list(range(len(samples)))
     expected = data.SquareImages(samples, 32, 32)[3][0].numpy()
     assert np.array_equal(array[3], expected)  # the same pixels as decoding the file now
     files = sorted((tmp_path / "cache").glob("*.npy"))

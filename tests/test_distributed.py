@@ -78,7 +78,8 @@ def test_two_processes_write_the_same_files(two_process_run, image_folder, tmp_p
 def test_two_processes_follow_the_path_of_one(image_folder, tmp_path, cache):
     """2 processes x batch 4 and 1 process x batch 8 see the same images per step, augmented the same way
     (per-image PIL or batched on the device), and average the same gradients."""
-    common = ["--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny_gn", "--amp", "off", "--workers", 0, cache]
+    common = ["--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny_gn", "--amp", "off", "--workers", 0,
+              cache]
     run_script("train.py", *common, "-b", 8, "--output-dir", tmp_path / "one", env=ENV)
     torchrun("train.py", *common, "-b", 4, "--output-dir", tmp_path / "two")
     one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
@@ -132,7 +133,8 @@ def test_two_nodes_train_together(image_folder, two_process_run, tmp_path):
     out = tmp_path / "multinode"
     procs = []
     for node_rank in (0, 1):
-        launcher = ("--nnodes=2", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}")
+        launcher = ("--nnodes=2", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint=127.0.0.1:{port}")
         cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node=1", str(ROOT / "train.py"),
                "--data", str(image_folder), *map(str, TWO_PROCESSES), "--output-dir", str(out)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))

@@ -46,7 +46,8 @@ def test_half_precision_export_predicts_like_the_checkpoint(trained_run, image_f
     assert json.loads((tmp_path / "half.torchscript.json").read_text())["input"].startswith("float16")
     images = sorted(str(p) for p in (image_folder / "val").rglob("*.*g"))
     top1 = [[r["predictions"][0]["class"] for r in json.loads(run_script(
-        "predict.py", *images, "--ckpt", ckpt, "--json").stdout)] for ckpt in (run_dir / "best.pt", tmp_path / "half.torchscript")]
+        "predict.py", *images, "--ckpt", ckpt, "--json").stdout)]
+        for ckpt in (run_dir / "best.pt", tmp_path / "half.torchscript")]
     assert top1[0] == top1[1]
 
 

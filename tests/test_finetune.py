@@ -119,6 +119,14 @@ def test_plots_are_written_and_legible(trained_run, image_folder, tmp_path):
     assert (tmp_path / "cm.png").exists()
 
 
+def test_plot_axes_have_round_ticks_and_percentages_stay_within_0_to_100():
+    assert utils.nice_ticks(0.31, 2.7) == [0, 0.5, 1, 1.5, 2, 2.5, 3]
+    assert utils.nice_ticks(33.3, 99.7, 5, (0, 100)) == [20, 40, 60, 80, 100]
+    assert utils.nice_ticks(97.2, 101.5, 5, (0, 100)) == [97, 98, 99, 100]
+    assert utils.nice_ticks(0.0012, 0.0019) == [0.001, 0.0012, 0.0014, 0.0016, 0.0018, 0.002]
+    assert utils.nice_ticks(1, 14, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+
+
 @pytest.mark.parametrize("n", [2, 100])
 def test_confusion_matrix_scales_from_2_to_100_classes(tmp_path, n):
     classes = [f"class_{i:03d}_with_a_long_name" for i in range(n)]

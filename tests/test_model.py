@@ -7,7 +7,8 @@ import data
 import model as model_lib
 
 
-@pytest.mark.parametrize("name", ["smallnet", "smallnet_tiny", "resnet18", "mobilenet_v3_small", "squeezenet1_0", "googlenet"])
+@pytest.mark.parametrize("name", ["smallnet", "smallnet_tiny", "resnet18", "mobilenet_v3_small", "squeezenet1_0",
+                                  "googlenet"])
 def test_models_output_one_logit_per_class(name):
     net = model_lib.build_model(name, 7).eval()
     with torch.no_grad():

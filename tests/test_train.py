@@ -83,7 +83,8 @@ def test_predict_names_the_class(trained_run, image_folder):
     probabilities = [p["probability"] for p in results[0]["predictions"]]
     assert len(probabilities) == 3 and sum(probabilities) == pytest.approx(1, abs=1e-4)
     assert probabilities == sorted(probabilities, reverse=True)
-    globbed = json.loads(run_script("predict.py", f"{image_folder}/val/*/00[01].*", "--ckpt", out / "best.pt", "--json").stdout)
+    globbed = json.loads(run_script("predict.py", f"{image_folder}/val/*/00[01].*", "--ckpt", out / "best.pt",
+                                    "--json").stdout)
     assert len(globbed) == 6
 
 
@@ -316,7 +317,8 @@ def test_compiled_model_saves_plain_weights(image_folder, tmp_path):
     run_script("train.py", "--data", image_folder, "--epochs", 1, *TINY, "--compile", "--output-dir", tmp_path / "run")
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in checkpoint["model"])
-    result = run_script("predict.py", image_folder / "val" / "circle" / "000.png", "--ckpt", tmp_path / "run" / "last.pt")
+    result = run_script("predict.py", image_folder / "val" / "circle" / "000.png", "--ckpt",
+                        tmp_path / "run" / "last.pt")
     assert "000.png" in result.stdout
 
 
@@ -327,7 +329,8 @@ def test_step_with_non_finite_gradients_is_skipped(opt, amp):
     import argparse
     model = torch.nn.Linear(3, 2)
     args = argparse.Namespace(opt=opt, lr=0.1, momentum=0.9, wd=0.01)
-    optimizer, scaler = train.make_optimizer(model, args, torch.device("cpu")), train.make_scaler(amp, torch.device("cpu"))
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    scaler = train.make_scaler(amp, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for _ in range(3):
         scaler.scale(model(torch.tensor([[1.0, float("nan"), 0.0]])).sum()).backward()
@@ -367,7 +370,8 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     writer = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); import utils\n"
               "i = 0\n"
               "while True:\n"
-              f"    utils.save_checkpoint({{'step': i, 'classes': [], 'model': {{'w': torch.full((2_000_000,), float(i))}}}}, {str(path)!r})\n"
+              f"    checkpoint = {{'step': i, 'classes': [], 'model': {{'w': torch.full((2_000_000,), float(i))}}}}\n"
+              f"    utils.save_checkpoint(checkpoint, {str(path)!r})\n"
               "    i += 1\n")
     rng = np.random.default_rng(0)
     for attempt in range(6):
