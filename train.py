@@ -7,9 +7,9 @@
     torchrun --nproc_per_node 4 train.py --data DATA    # one process per GPU (or CPU processes with gloo)
     python train.py --resume runs/exp/last.pt           # continue a stopped run where it stopped
 
-Writes to --output-dir (default runs/<data folder name>-<date>-<time>): last.pt (every epoch), best.pt (best val
-top-1 so far), results.csv (a row per epoch), args.json, train.log, and at the end results.png (curves) and
-confusion_matrix.png (of best.pt).
+Writes to --output-dir (default runs/<data folder name>-<date>-<time>): train_batch.jpg (the first batch, as the
+model sees it), last.pt (every epoch), best.pt (best val top-1 so far), results.csv (a row per epoch), args.json,
+train.log, and at the end results.png (curves) and confusion_matrix.png (of best.pt).
 """
 import argparse
 import csv
@@ -600,6 +600,28 @@ def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_score, 
     }
 
 
+def save_first_batch(loader, mix, classes, args, device, path, count=32):
+    """train_batch.jpg: the first images the model trains on, after augmentation and MixUp/CutMix (drawn as the
+    first step draws them: MixUp and CutMix are linear, so mixing before normalising gives the same pixels), each
+    with its label; a mixed label names its two largest shares."""
+    loader.sampler.set_epoch(0)
+    images, targets = next(iter(loader))
+    images, targets = images.to(device).float(), targets.to(device)
+    utils.seed_draws(utils.seed_from(args.seed, 0, 0, 0), device.type)
+    if mix is not None:
+        images, targets = mix(images, targets)
+    captions = []
+    for target in targets[:count].cpu():
+        if target.ndim == 0:
+            captions.append(classes[target])
+        elif args.task == "multilabel":
+            captions.append("+".join(classes[i] for i in target.nonzero().flatten()))
+        else:
+            shares, indices = target.topk(min(2, len(classes)))
+            captions.append("\n".join(f"{classes[i]} {p:.2f}" for p, i in zip(shares, indices) if p > 0))
+    utils.save_image_grid(images[:count].clamp(0, 255).round().byte().cpu(), captions, path)
+
+
 def trim_results(path, epochs, columns):
     """Keeps the rows of the first `epochs` epochs: a resumed run rewrites what came after its checkpoint."""
     if path.exists():
@@ -735,6 +757,8 @@ def train(args, stop):
            "normalize": normalize, "frozen": frozen, "stop": stop, "save_last": save_last, "ddp_model": ddp_model}
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
+        if checkpoint is None:  # what the model sees, for a look before the run goes far
+            save_first_batch(train_loader, mix, classes, args, device, output_dir / "train_batch.jpg")
         trim_results(output_dir / "results.csv", start_epoch, RESULTS_COLUMNS[args.task])
 
     # the loop (`while`, not `for`: --time and --patience change args.epochs on the way)

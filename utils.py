@@ -301,6 +301,25 @@ def line_chart(draw, box, xs, series, title, limits=None):
         draw.text((legend_x + 24, bottom + 50), name, fill=COLORS[name], font=font, anchor="lm")
 
 
+def save_image_grid(images, captions, path, columns=8):
+    """A JPEG of uint8 [N, 3, H, W] images in rows of `columns`, each with a caption of up to two lines below it;
+    small images are enlarged (nearest neighbour, so their pixels stay visible) to about 96 px."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=11)
+    n, _, h, w = images.shape
+    scale = max(1, 96 // max(h, w))
+    cell_w, cell_h = w * scale, h * scale + 30
+    grid = Image.new("RGB", (min(n, columns) * cell_w, -(-n // columns) * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((cell_w, h * scale), Image.Resampling.NEAREST)
+        grid.paste(tile, (x, y))
+        lines = "\n".join(line[: cell_w // 6] for line in caption.split("\n")[:2])
+        draw.multiline_text((x + 2, y + h * scale + 2), lines, fill="black", font=font, spacing=1)
+    grid.save(path, quality=90)
+
+
 def plot_confusion(confusion, classes, path):
     """confusion_matrix.png: each row (true class) normalised to sum to 1, white to dark blue, class names on
     both axes; values written in the cells when they are large enough to hold them (up to ~30 classes)."""

@@ -30,11 +30,13 @@ def read_results(run_dir):
 
 def test_training_writes_every_output(trained_run, image_folder):
     out, result = trained_run
-    assert {"last.pt", "best.pt", "results.csv", "args.json", "train.log"} <= {p.name for p in out.iterdir()}
+    assert {"last.pt", "best.pt", "results.csv", "args.json", "train.log", "train_batch.jpg"} <= {
+        p.name for p in out.iterdir()}
     rows = read_results(out)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0]) == train.RESULTS_COLUMNS["single"]
     assert all(math.isfinite(float(r["train_loss"])) and float(r["images_per_s"]) > 0 for r in rows)
+    assert_shows_augmented_images(out / "train_batch.jpg", image_folder, 8)
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["classes"] == ["circle", "square", "triangle"]
     assert checkpoint["preprocess"]["img_size"] == 32 and checkpoint["args"]["epochs"] == 2
@@ -125,6 +127,22 @@ def test_many_options_together(image_folder, tmp_path):
     metrics = evaluate.main(["--ckpt", str(out / "last.pt"), "--data", str(image_folder), "--workers", "0"])
     assert metrics["count"] == 18 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
     assert metrics["loss"] == pytest.approx(checkpoint["metrics"]["loss"], rel=1e-4)
+    assert_shows_augmented_images(out / "train_batch.jpg", image_folder, 8)
+
+
+def assert_shows_augmented_images(path, image_folder, count):
+    """train_batch.jpg: `count` tiles of 96 px (32 px images, enlarged 3x) with two caption lines each, none of them
+    the plain training image it came from (cropped, flipped or mixed)."""
+    import data
+    with Image.open(path) as grid:
+        assert grid.size == (96 * min(count, 8), -(-count // 8) * (96 + 30))
+        tiles = [np.asarray(grid.crop((96 * i, 0, 96 * i + 96, 96)).resize((32, 32), Image.Resampling.NEAREST))
+                 for i in range(min(count, 8))]
+    transform = data.eval_transform(data.eval_preprocess(32))  # resized and center-cropped: not augmented
+    plain = [transform(data.load_image(p)).permute(1, 2, 0).numpy() for p in (image_folder / "train").rglob("*.*g")]
+    for tile in tiles:
+        assert tile.std() > 10  # a picture, not a blank
+        assert min(np.abs(tile.astype(int) - image).mean() for image in plain) > 3
 
 
 def test_deterministic_runs_are_bitwise_equal(image_folder, tmp_path):
