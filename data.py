@@ -9,6 +9,7 @@ Small datasets can instead be decoded once into a memory-mapped uint8 array and 
 on the device (`--cache`, the second half of this file).
 """
 import csv
+import datetime
 import hashlib
 import json
 import math
@@ -16,6 +17,7 @@ import os
 import shutil
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -542,25 +544,18 @@ class SquareImages(Dataset):
         return torch.from_numpy(np.asarray(image).copy()), ""
 
 
-def build_cache(samples, resize, side, folder, workers=0, log=print, strict=False):
+def build_cache(samples, resize, side, folder, workers=0, log=print, strict=False, chunk=256):
     """Returns (array, usable rows): the memory-mapped uint8 array [N, side, side, 3] of `samples`, decoded by
     `workers` processes the first time and read from folder/<side>px-<key>.npy afterwards."""
     path = Path(folder) / f"{side}px-{cache_key(samples, (resize, side))}.npy"
     bad_path = path.with_suffix(".bad.json")
     if not path.exists():
+        import fcntl  # POSIX only, like the rest of the cache
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), side, side, 3))
-        loader = DataLoader(SquareImages(samples, resize, side), batch_size=256, num_workers=workers)
-        bad, start = [], 0
-        for images, errors in loader:
-            array[start:start + len(images)] = images.numpy()
-            bad += [(start + i, e) for i, e in enumerate(errors) if e]
-            start += len(images)
-        array.flush()
-        del array
-        bad_path.write_text(json.dumps(bad))
-        os.replace(tmp, path)  # complete or absent: a killed build is redone, never half used
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another job decoding the same files: wait for it, then use its file
+            if not path.exists():
+                decode_into(path, bad_path, SquareImages(samples, resize, side), workers, log, chunk)
     bad = json.loads(bad_path.read_text())
     if bad:
         listing = "\n".join(f"  {why}" for _, why in bad)
@@ -572,6 +567,39 @@ def build_cache(samples, resize, side, folder, workers=0, log=print, strict=Fals
     # copy-on-write: writable, as torch.from_numpy wants; never written, so its pages stay the page cache's,
     # shared by every process that maps the file
     return np.load(path, mmap_mode="c"), usable
+
+
+def decode_into(path, bad_path, images, workers, log, chunk):
+    """Decodes `images` (a SquareImages) into the .npy file `path` and lists the undecodable ones in bad_path. The
+    array is written as path.partial, with the number of images done saved after each chunk is on disk, so an
+    interrupted build (an ImageNet-sized set takes an hour) starts again where it stopped; the file takes its
+    name when complete, so a half-built cache is never used."""
+    partial, progress = path.with_suffix(".partial"), path.with_suffix(".progress.json")
+    done, bad = json.loads(progress.read_text()) if progress.exists() and partial.exists() else (0, [])
+    if done:
+        array = np.lib.format.open_memmap(partial, mode="r+")
+        log(f"data: the cache build of {path.name} goes on at image {done}/{len(images)}")
+    else:
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
+                                          shape=(len(images), images.side, images.side, 3))
+    loader = DataLoader(Subset(images, range(done, len(images))), batch_size=chunk, num_workers=workers)
+    start, resumed_at = time.perf_counter(), done
+    last_report = start
+    for batch, errors in loader:
+        array[done:done + len(batch)] = batch.numpy()
+        array.flush()  # on disk before the progress says so
+        bad += [(done + i, why) for i, why in enumerate(errors) if why]
+        done += len(batch)
+        progress.with_suffix(".tmp").write_text(json.dumps([done, bad]))
+        os.replace(progress.with_suffix(".tmp"), progress)
+        if time.perf_counter() - last_report > 10 or done == len(images):
+            last_report, rate = time.perf_counter(), (done - resumed_at) / (time.perf_counter() - start)
+            eta = datetime.timedelta(seconds=round((len(images) - done) / rate))
+            log(f"data: decoding into the cache: {done}/{len(images)} images, {rate:.0f} images/s, eta {eta}")
+    del array
+    bad_path.write_text(json.dumps(bad))
+    os.replace(partial, path)
+    progress.unlink()
 
 
 def hash_uniforms(seed, epoch, indices, count):

@@ -223,6 +223,43 @@ def test_cache_leaves_out_files_that_do_not_decode(tmp_path):
         data.build_cache(samples, 32, 32, tmp_path / "cache", strict=True)
 
 
+def test_interrupted_cache_build_goes_on_where_it_stopped(tmp_path):
+    """SIGKILL a cache build after some chunks are on disk: the next build decodes only the rest, says so, and
+    gives the same array as decoding every file now."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos" / "a"
+    folder.mkdir(parents=True)
+    for i in range(160):  # photo-sized, so that decoding takes a while
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
+    Image.new("RGB", (10, 10)).save(folder / "zzz.png")
+    (folder / "zzz.png").write_bytes((folder / "zzz.png").read_bytes()[:40])  # decodes in no chunk: listed bad
+    samples = data.list_images(tmp_path / "photos", ["a"])
+    build = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import data\n"
+             f"data.build_cache(data.list_images({str(tmp_path / 'photos')!r}, ['a']), 64, 64, "
+             f"{str(tmp_path / 'cache')!r}, chunk=8)")
+    process = subprocess.Popen([sys.executable, "-c", build])
+    deadline = time.time() + 60
+    while not list((tmp_path / "cache").glob("*.progress.json")) and time.time() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)  # a chunk or two of 8 images is on disk
+    process.wait()
+    assert not list((tmp_path / "cache").glob("*.npy")), "the build finished before it could be killed"
+    messages = []
+    array, rows = data.build_cache(samples, 64, 64, tmp_path / "cache", log=messages.append, chunk=8)
+    (resumed,) = [m for m in messages if "goes on at image" in m]
+    assert 0 < int(resumed.split("image ")[1].split("/")[0]) < len(samples)
+    assert any("decoding into the cache: 161/161 images" in m for m in messages)
+    assert list(rows) == list(range(160)) and "zzz.png" in messages[-1]  # the bad file listed, left out
+    fresh = data.SquareImages(samples, 64, 64)
+    assert all(np.array_equal(array[i], fresh[i][0].numpy()) for i in range(160))
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".npy"]
+
+
 def test_batch_translation_matches_reflect_padding_and_cropping():
     images = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8)
     uniforms, flips = data.hash_uniforms(0, 0, np.arange(16), 4), torch.arange(16) % 3 == 0
