@@ -294,7 +294,7 @@ def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_ran
     source = Path(args.data) if args.data else Path(args.train_csv).parent
     folder = source / ".cache"
     if not os.access(source, os.W_OK):
-        folder = Path(output_dir) / "cache"  # the same for every process: the output folder is
+        folder = Path(output_dir) / "cache"  # every process knows the output folder
     padded = args.train_crop == "padded"
     side = args.img_size if padded else preprocess["resize_size"]  # resized crops zoom into a margin
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -377,7 +377,7 @@ def make_optimizer(model, args, device):
 def make_scaler(amp, device):
     """fp16 needs a dynamic loss scale (its small gradients underflow). bf16 and fp32 do not, but the scaler also
     skips every step whose gradients hold inf or NaN, so it runs for them too, at a fixed scale of 1 (multiplying
-    by 1 changes nothing; optimizer_step sets it back to 1 after each update, which would halve it at a skip)."""
+    by 1 changes nothing). The scaler halves its scale at every skipped step: optimizer_step sets it back to 1."""
     if amp == "fp16":
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
