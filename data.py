@@ -249,9 +249,9 @@ def name_labels(rows, names=None):
     found = {label for _, labels in rows for label in labels}
     if not names or not found or not all(label.isdigit() for label in found):
         return rows
-    too_large = sorted((int(label) for label in found if int(label) >= len(names)))
-    if too_large:
-        raise SystemExit(f"error: label id {too_large[-1]} is out of range for the {len(names)} classes of --classes")
+    largest = max(int(label) for label in found)
+    if largest >= len(names):
+        raise SystemExit(f"error: label id {largest} is out of range for the {len(names)} classes of --classes")
     return [(path, [names[int(label)] for label in labels]) for path, labels in rows]
 
 
