@@ -1,12 +1,11 @@
-"""Files to batches: folder layouts, image decoding, transforms, samplers and loaders.
+"""Files to batches: folder layouts, image decoding, the decode-once cache, augmentation and loaders.
 
     DATA/train/<class>/*.jpg     training images, one folder per class
     DATA/val/<class>/*.jpg       validation images (or DATA/test/, or a split carved from train)
 
-Images leave the loader as uint8 tensors (4x less to copy between processes than float32);
-`make_normalize` turns a batch into float on the training device.
-Small datasets can instead be decoded once into a memory-mapped uint8 array and augmented in whole batches
-on the device (`--cache`, the second half of this file).
+Two stages, each written once. Reading gives every split's images stored one way (upright RGB uint8 of one size),
+from either source: decoded per image in loader processes, or from a memory-mapped cache decoded once (--cache).
+Augmentation then runs on the training device, the same whatever the source: `--cache` changes speed, not results.
 """
 import csv
 import datetime
@@ -19,16 +18,17 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from utils import seed_draws, seed_from
+from utils import agree_on_failure, seed_from
 
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision pretrained model expects these
@@ -333,59 +333,37 @@ def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print
     return train if split == "train" else val
 
 
-def infer_img_size(paths, max_samples=256):
-    """About the median short side of a sample of images, as a multiple of 32 between 32 and 224.
-    Reads only headers, so it is fast even on large folders."""
-    step = max(1, len(paths) // max_samples)
-    short_sides = []
-    for path in paths[::step]:
+def image_sizes(paths, max_samples=256):
+    """(width, height) of up to max_samples images spread over `paths`, from their headers alone (fast)."""
+    sizes = []
+    for path in paths[::max(1, len(paths) // max_samples)]:
         try:
             with Image.open(path) as image:
-                short_sides.append(min(image.size))
+                sizes.append(image.size)
         except Exception:  # unreadable files are reported by the loader, not here
             pass
+    return sizes
+
+
+def infer_img_size(paths):
+    """About the median short side of the images, as a multiple of 32 between 32 and 224."""
+    short_sides = [min(size) for size in image_sizes(paths)]
     if not short_sides:
         return 224
     return int(min(224, max(32, round(statistics.median(short_sides) / 32) * 32)))
 
 
-# -----------------------------------------------------------------------------
-# transforms (PIL image in, uint8 CHW tensor out) and normalisation (on the training device)
-
-AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment, "augmix": v2.AugMix}
-
-
-def train_transform(img_size, crop="resized", min_scale=0.25, auto_augment=None, random_erase=0.0, hflip=0.5,
-                    padding=None):
-    """crop "resized": RandomResizedCrop, the ImageNet recipe (zoom and aspect changes). crop "padded":
-    resize the short side, then a random crop from a reflect-padded image (shifts of up to `padding` px,
-    by default 1/8 of the size), the CIFAR recipe: small images have no detail to spare for zooming."""
-    if crop == "resized":
-        steps = [v2.RandomResizedCrop(img_size, scale=(min_scale, 1.0), antialias=True)]
-    else:
-        steps = [v2.Resize(img_size, antialias=True)]
-    if auto_augment:  # on the PIL image: 2-5x faster than on a tensor
-        steps.append(AUTO_AUGMENT[auto_augment]())
-    steps.append(v2.PILToTensor())
-    if crop == "padded":  # padding and cropping: twice as fast on the tensor as on the PIL image
-        steps.append(v2.RandomCrop(img_size, padding=img_size // 8 if padding is None else padding,
-                                   padding_mode="reflect"))
-    if hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(hflip))
-    if random_erase > 0:  # erase to the mean colour, as erasing to 0 after normalisation would
-        steps.append(v2.RandomErasing(random_erase, value=[round(255 * m) for m in IMAGENET_MEAN]))
-    return v2.Compose(steps)
-
-
-def eval_transform(preprocess):
-    """Resize the short side, then center-crop: `preprocess` is the dict stored in every checkpoint."""
-    return v2.Compose([v2.Resize(preprocess["resize_size"], antialias=True),
-                       v2.CenterCrop(preprocess["img_size"]), v2.PILToTensor()])
+def whole_image_side(paths, img_size, min_scale):
+    """The side of the square that a resized crop is drawn from (the whole image, squashed): large enough that the
+    smallest window (min_scale of the area) is not enlarged, and no larger than the images' median long side
+    (more pixels than the files hold would add none)."""
+    long_sides = [max(size) for size in image_sizes(paths)] or [img_size]
+    return int(min(math.ceil(img_size / math.sqrt(min_scale) / 8) * 8, max(img_size, statistics.median(long_sides))))
 
 
 def eval_preprocess(img_size, crop_pct=None):
-    """Eval preprocessing as plain data. crop_pct is the crop's share of the resized short side:
-    0.875 is the ImageNet convention; small images (<= 64 px) are not zoomed, they lose too much."""
+    """Eval preprocessing as plain data, stored in every checkpoint. crop_pct is the crop's share of the resized
+    short side: 0.875 is the ImageNet convention; small images (<= 64 px) are not zoomed, they lose too much."""
     if crop_pct is None:
         crop_pct = 1.0 if img_size <= 64 else 0.875
     return {"img_size": img_size, "resize_size": int(round(img_size / crop_pct)),
@@ -404,70 +382,77 @@ def make_normalize(preprocess, device, channels_last=False):
 
 
 # -----------------------------------------------------------------------------
-# datasets, samplers, loaders
+# reading: what training and evaluation consume, upright RGB uint8 [H, W, 3] images of one size per split, stored
+# one way whichever the source: decoded from the files when asked for (DecodedImages, in loader processes), or
+# decoded once into a memory-mapped cache (build_cache) and gathered from it (CachedImages).
+#   val, and train with padded crops: the short side resized to `resize`, then the center square of `side`
+#   train with resized crops (resize None): the whole image squashed to side x side, its aspect ratio kept beside
 
-class ImageDataset(Dataset):
-    """(path, target) samples -> (uint8 tensor, target).
+def store_image(image, side, resize=None):
+    """A PIL image as stored: (uint8 [side, side, 3], its aspect ratio width / height)."""
+    aspect = image.width / image.height
+    if resize is None:
+        image = image.resize((side, side), Image.Resampling.BILINEAR)
+    else:
+        image = v2.functional.center_crop(v2.functional.resize(image, resize), side)
+    return torch.from_numpy(np.asarray(image).copy()), aspect
 
-    Indexed by (index, epoch) from EpochSampler, the augmentation of each sample is seeded from
-    (seed, epoch, index): the same whatever the number of workers or processes, and repeatable on resume."""
 
-    def __init__(self, samples, transform, seed=0, strict=False):
-        self.samples, self.transform, self.seed, self.strict = samples, transform, seed, strict
+def eval_transform(preprocess):
+    """PIL image -> uint8 [3, H, W] as evaluated: `preprocess` is the dict stored in every checkpoint."""
+    return lambda image: store_image(image, preprocess["img_size"], preprocess["resize_size"])[0].permute(2, 0, 1)
+
+
+class DecodedImages(Dataset):
+    """Stored images decoded from the files when asked for. An item is (image, aspect, why): why is "" or the
+    reason the file did not decode (a truncated file passes the header scan), with a blank image."""
+
+    def __init__(self, samples, side, resize=None, strict=False):
+        self.paths, self.side, self.resize, self.strict = [path for path, _ in samples], side, resize, strict
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.paths)
 
-    def __getitem__(self, key):
-        """(image, target, ""), or (None, target, why) for a file that passed the header scan and failed to decode
-        (a truncated file, say): collate_decoded leaves it out of its batch."""
-        index, epoch = key if isinstance(key, tuple) else (key, None)
-        path, target = self.samples[index]
+    def __getitem__(self, row):
         try:
-            image = load_image(path)
+            return *store_image(load_image(self.paths[row]), self.side, self.resize), ""
         except UnreadableImage as e:
             if self.strict:
                 raise
-            return None, target, str(e)
-        if epoch is None:
-            return self.transform(image), target, ""
-        generator = torch.random.default_generator  # what the transforms draw from (they run on the CPU)
-        state = generator.get_state()  # left as it was for the caller (matters with 0 workers)
-        seed_draws(seed_from(self.seed, epoch, index))
-        try:
-            return self.transform(image), target, ""
-        finally:
-            generator.set_state(state)
+            return torch.zeros(self.side, self.side, 3, dtype=torch.uint8), 1.0, str(e)
+
+    def __getitems__(self, rows):
+        """A batch (what a DataLoader asks for): images [n, side, side, 3], aspects [n] and rows [n] of the files
+        that decoded, and (row, why) of those that did not."""
+        items = [self[row] for row in rows]
+        kept = [i for i, (_, _, why) in enumerate(items) if not why]
+        images = [items[i][0] for i in kept] or [torch.zeros(0, self.side, self.side, 3, dtype=torch.uint8)]
+        return (torch.stack(images) if kept else images[0], torch.tensor([items[i][1] for i in kept]),
+                torch.tensor([rows[i] for i in kept], dtype=torch.int64),
+                [(row, why) for row, (_, _, why) in zip(rows, items) if why])
 
 
-def collate_decoded(items):
-    """A batch of the images that decoded, their targets, and why the others did not."""
-    decoded = [(image, target) for image, target, _ in items if image is not None]
-    images, targets = default_collate(decoded) if decoded else (torch.zeros(0, dtype=torch.uint8), torch.zeros(0))
-    return images, targets, [why for image, _, why in items if image is None]
+class CachedImages(Dataset):
+    """Stored images gathered from the cache's arrays: a batch is one multi-threaded memory copy."""
+
+    def __init__(self, images, aspects):
+        self.images, self.aspects = torch.from_numpy(images), torch.from_numpy(aspects)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, rows):
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        return torch.index_select(self.images, 0, rows), self.aspects[rows], rows, []
 
 
-class ImageLoader(DataLoader):
-    """A DataLoader of ImageDataset batches, each without the files that failed to decode: a batch is one image
-    shorter rather than trained or counted twice on another one. Each such file is named once per process."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, collate_fn=collate_decoded, **kwargs)
-        self.reported = set()
-
-    def __iter__(self):
-        for images, targets, failures in super().__iter__():
-            for why in set(failures) - self.reported:
-                print(f"warning: skipping {why} (it passed the header scan but does not decode)", file=sys.stderr,
-                      flush=True)
-            self.reported.update(failures)
-            yield images, targets
+def read_as_is(batch):
+    return batch  # the DataLoader's collate_fn: __getitems__ gives whole batches
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler that yields (index, epoch). Its order is a function of (seed, epoch) only;
-    process r of w takes every w-th index, so w processes with batch b see in each step the same
-    images as 1 process with batch w*b."""
+    """Positions in an order that is a function of (seed, epoch) only; process r of w takes every w-th, so w
+    processes with batch b see in each step the same images as 1 process with batch w*b."""
 
     skip = 0
 
@@ -477,14 +462,75 @@ class EpochSampler(DistributedSampler):
         self.skip = skip
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip:]
-        return ((index, self.epoch) for index in indices)
+        return iter(list(super().__iter__())[self.skip:])
 
 
-def loader_kwargs(workers, device):
-    return dict(num_workers=workers, persistent_workers=workers > 0,
-                pin_memory=device.type == "cuda",  # pinned memory only speeds up copies to a GPU
-                prefetch_factor=4 if workers > 0 else None)
+class RowBatches:
+    """A loader's batch sampler: lists of rows (sample indices), taken in the order of a sampler of positions."""
+
+    def __init__(self, sampler, rows, batch_size, drop_last):
+        self.sampler, self.rows, self.batch_size, self.drop_last = sampler, np.asarray(rows), batch_size, drop_last
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        positions = list(self.sampler)
+        for start in range(0, len(positions), self.batch_size):
+            batch = positions[start:start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield self.rows[batch].tolist()
+
+
+class Batches:
+    """One split's batches on the training device, like a DataLoader: (images uint8 [N, 3, H, W], targets).
+    A DataLoader reads each batch from `images` (DecodedImages, in its worker processes, or CachedImages); it is
+    then moved to the device and, in training, augmented there. The sampler draws positions among `rows`, the
+    usable sample indices: a sample's image, target and random draws are all looked up by its index."""
+
+    def __init__(self, images, rows, targets, sampler, batch_size, device, augment=None, workers=0, drop_last=False):
+        self.sampler, self.device, self.augment = sampler, device, augment
+        self.batches = RowBatches(sampler, rows, batch_size, drop_last)
+        # every sample's class index (or multi-hot row), on the device once: a batch's are gathered there
+        self.targets = torch.stack([torch.as_tensor(t) for t in targets]).to(device) if len(targets) else None
+        self.loader = DataLoader(images, batch_sampler=self.batches, collate_fn=read_as_is, num_workers=workers,
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                 pin_memory=device.type == "cuda")  # pinned memory only speeds up copies to a GPU
+        self.reported = set()
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        for images, aspects, rows, failures in self.loader:
+            for why in {why for _, why in failures} - self.reported:  # a batch is one image shorter, not padded
+                print(f"warning: skipping {why} (it passed the header scan but does not decode)", file=sys.stderr,
+                      flush=True)
+                self.reported.add(why)
+            images = to_device(images, self.device)
+            if self.augment is None:
+                images = images.permute(0, 3, 1, 2)
+            else:
+                images = self.augment(images, to_device(aspects, self.device), rows.numpy(), epoch)
+            yield images, self.targets[to_device(rows, self.device)]
+
+    def sample(self, n):
+        """n images spread evenly over the split, as the first epoch augments them: the same in every process."""
+        rows = self.batches.rows[np.linspace(0, len(self.batches.rows) - 1, min(n, len(self.batches.rows))).astype(int)]
+        images, aspects, rows, _ = self.loader.dataset.__getitems__(rows.tolist())
+        images = to_device(images, self.device)
+        return self.augment(images, to_device(aspects, self.device), rows.numpy(), 0)
+
+
+def to_device(tensor, device):
+    """Moves a host tensor to `device` without waiting. A copy to a GPU from ordinary (pageable) host memory
+    first waits for all the GPU's queued work: a sync point, which would stall the loop at every batch. From
+    pinned memory it is queued behind that work instead, and the host goes on to the next batch."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def make_epoch_sampler(n, batch_size, seed=0, rank=0, world_size=1):
@@ -495,25 +541,93 @@ def make_epoch_sampler(n, batch_size, seed=0, rank=0, world_size=1):
     return sampler
 
 
-def make_train_loader(dataset, batch_size, workers, device, seed=0, rank=0, world_size=1):
-    sampler = make_epoch_sampler(len(dataset), batch_size, seed, rank, world_size)
+def eval_batches(samples, preprocess, batch_size, device, workers=0, rank=0, world_size=1, strict=False):
+    """Evaluation batches decoded per image. Process r evaluates images r, r+w, r+2w...: each exactly once."""
+    images = DecodedImages(samples, preprocess["img_size"], preprocess["resize_size"], strict)
+    return Batches(images, np.arange(len(samples)), [t for _, t in samples], range(rank, len(samples), world_size),
+                   batch_size, device, workers=workers)
+
+
+def make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank, world_size, device, output_dir, log):
+    """The training and validation Batches of a run: read from the cache or decoded per image (cache_or_decode),
+    augmented as args say (--train-crop, --min-scale, --crop-padding, --auto-augment, --random-erase, --seed)."""
+    if args.train_crop == "padded":
+        train_layout = (args.img_size, args.img_size)
+    else:
+        train_layout = (whole_image_side([path for path, _ in train_samples], args.img_size, args.min_scale), None)
+    val_layout = (preprocess["img_size"], preprocess["resize_size"])
+    workers = default_workers(world_size, device) if args.workers is None else args.workers
+    if decide_cache(args.cache, [(len(train_samples), train_layout[0]), (len(val_samples), val_layout[0])], log):
+        (train_images, train_rows), (val_images, val_rows) = cache_splits(
+            args, [(train_samples, train_layout), (val_samples, val_layout)], rank, local_rank, device, output_dir, log)
+        workers = 0  # reading is a memory copy: no loader processes to compete with the model for cores
+    else:
+        train_images, val_images = DecodedImages(train_samples, *train_layout, args.strict), DecodedImages(
+            val_samples, *val_layout, args.strict)
+        train_rows, val_rows = np.arange(len(train_samples)), np.arange(len(val_samples))
+    augment = partial(augment_batch, seed=args.seed, crop=args.train_crop, size=args.img_size,
+                      padding=args.img_size // 8 if args.crop_padding is None else args.crop_padding,
+                      min_scale=args.min_scale, auto_augment=args.auto_augment, random_erase=args.random_erase)
+    sampler = make_epoch_sampler(len(train_rows), args.batch_size, args.seed, rank, world_size)
     # drop_last keeps every step the same size: no tiny last batch with noisy BatchNorm statistics
-    return ImageLoader(dataset, batch_size, sampler=sampler, drop_last=True, **loader_kwargs(workers, device))
+    train = Batches(train_images, train_rows, [t for _, t in train_samples], sampler, args.batch_size, device,
+                    augment, workers, drop_last=True)
+    val = Batches(val_images, val_rows, [t for _, t in val_samples], range(rank, len(val_rows), world_size),
+                  args.batch_size, device, workers=workers)
+    log(f"data: {workers} loader worker(s) per process; augmented in batches on {device}")
+    return train, val
 
 
-def make_eval_loader(dataset, batch_size, workers, device, rank=0, world_size=1):
-    """Process r evaluates images r, r+w, r+2w...: every image exactly once, no padding duplicates."""
-    shard = Subset(dataset, range(rank, len(dataset), world_size))
-    return ImageLoader(shard, batch_size, shuffle=False, **loader_kwargs(workers, device))
+def default_workers(world_size, device):
+    """On a GPU, loader processes take every core but one per training process (at most 16 each). On the CPU
+    they compete with the model for cores: leave about half the cores to compute; with 2 cores or fewer per
+    process the model's threads use them all and loading in the training process itself is faster."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device.type == "cuda":
+        return max(1, min(16, cores // world_size - 1))
+    return 0 if cores // world_size <= 2 else max(1, min(8, cores // (2 * world_size)))
+
+
+def decide_cache(cache, counts_and_sides, log):
+    """--cache on or off as asked; by default on when the decoded images take at most a quarter of the memory."""
+    size_gib = sum(n * side * side * 3 for n, side in counts_and_sides) / 2**30
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    why = "as asked" if cache is not None else f"on by default up to a quarter of the memory, {memory_gib / 4:.1f} GiB"
+    cache = size_gib <= memory_gib / 4 if cache is None else cache
+    log(f"data: --cache {'on' if cache else 'off'} ({why}): the decoded images take {size_gib:.2f} GiB")
+    return cache
+
+
+def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
+    """CachedImages and usable rows of each (samples, layout) split. Local rank 0 decodes; the other processes
+    wait, then map its files. The cache goes to DATA/.cache, or to the run's folder if DATA is read-only."""
+    source = Path(args.data) if args.data else Path(args.train_csv).parent
+    folder = source / ".cache" if os.access(source, os.W_OK) else Path(output_dir) / "cache"
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    def build():
+        return [build_cache(samples, *layout, folder, workers, log, args.strict) for samples, layout in splits]
+    if local_rank == 0:
+        try:
+            built = build()
+        except BaseException:
+            agree_on_failure(True)
+            raise
+    if agree_on_failure(False):
+        raise SystemExit(f"error: process {rank}: the process that decodes the images into the cache failed; "
+                         "its error is in its output")
+    built = built if local_rank == 0 else build()
+    log(f"data: decoded images cached in {folder} ({' + '.join(f'{c[0].nbytes / 2**20:.0f}' for c in built)} MiB, "
+        "reused while the files are unchanged)")
+    return [(CachedImages(images, aspects), rows) for images, aspects, rows in built]
 
 
 # -----------------------------------------------------------------------------
-# decode once (--cache): every image decoded a single time into a uint8 array in a memory-mapped .npy
-# file, reused by later runs while the files are unchanged and shared (through the page cache) by every
-# process on the machine. Batches are gathered from it and augmented on the training device as whole-batch
-# tensor operations: no per-image PIL work, no loader processes competing with the model for cores.
+# decode once (--cache): every image decoded a single time into a uint8 array in a memory-mapped .npy file,
+# reused by later runs while the files are unchanged and shared (through the page cache) by every process on the
+# machine
 
-CACHE_VERSION = 1  # bump when the way images are stored changes
+CACHE_VERSION = 2  # bump when the way images are stored changes
 
 
 def cache_key(samples, how):
@@ -525,38 +639,19 @@ def cache_key(samples, how):
     return digest.hexdigest()[:16]
 
 
-class SquareImages(Dataset):
-    """Decodes for the cache: short side resized to `resize`, center square of `side` px, HWC uint8 plus the
-    reason an image could not be decoded ("" if it could)."""
-
-    def __init__(self, samples, resize, side):
-        self.samples, self.side = samples, side
-        self.transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(side)])
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        try:
-            image = self.transform(load_image(self.samples[index][0]))
-        except UnreadableImage as e:
-            return torch.zeros(self.side, self.side, 3, dtype=torch.uint8), str(e)
-        return torch.from_numpy(np.asarray(image).copy()), ""
-
-
-def build_cache(samples, resize, side, folder, workers=0, log=print, strict=False, chunk=256):
-    """Returns (array, usable rows): the memory-mapped uint8 array [N, side, side, 3] of `samples`, decoded by
-    `workers` processes the first time and read from folder/<side>px-<key>.npy afterwards."""
-    path = Path(folder) / f"{side}px-{cache_key(samples, (resize, side))}.npy"
-    bad_path = path.with_suffix(".bad.json")
+def build_cache(samples, side, resize, folder, workers=0, log=print, strict=False, chunk=256):
+    """Returns (images, aspects, usable rows): the memory-mapped uint8 array [N, side, side, 3] of `samples` stored
+    as store_image stores them, and their aspect ratios; decoded by `workers` processes the first time, read from
+    folder/<side>px-<key>.npy afterwards."""
+    path = Path(folder) / f"{side}px-{cache_key(samples, (side, resize))}.npy"
     if not path.exists():
         import fcntl  # POSIX only, like the rest of the cache
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another job decoding the same files: wait for it, then use its file
             if not path.exists():
-                decode_into(path, bad_path, SquareImages(samples, resize, side), workers, log, chunk)
-    bad = json.loads(bad_path.read_text())
+                decode_into(path, DecodedImages(samples, side, resize), workers, log, chunk)
+    bad = json.loads(path.with_suffix(".json").read_text())
     if bad:
         listing = "\n".join(f"  {why}" for _, why in bad)
         if strict:
@@ -566,40 +661,68 @@ def build_cache(samples, resize, side, folder, workers=0, log=print, strict=Fals
     usable = np.setdiff1d(np.arange(len(samples)), [i for i, _ in bad])
     # copy-on-write: writable, as torch.from_numpy wants; never written, so its pages stay the page cache's,
     # shared by every process that maps the file
-    return np.load(path, mmap_mode="c"), usable
+    return np.load(path, mmap_mode="c"), np.load(path.with_suffix(".aspects")), usable
 
 
-def decode_into(path, bad_path, images, workers, log, chunk):
-    """Decodes `images` (a SquareImages) into the .npy file `path` and lists the undecodable ones in bad_path. The
-    array is written as path.partial, with the number of images done saved after each chunk is on disk, so an
-    interrupted build (an ImageNet-sized set takes an hour) starts again where it stopped; the file takes its
-    name when complete, so a half-built cache is never used."""
-    partial, progress = path.with_suffix(".partial"), path.with_suffix(".progress.json")
-    done, bad = json.loads(progress.read_text()) if progress.exists() and partial.exists() else (0, [])
+def decode_into(path, images, workers, log, chunk):
+    """Decodes `images` (a DecodedImages) into the .npy file `path`, their aspect ratios into path.aspects (also
+    an .npy array) and the list of undecodable ones into path.json. The array is written as path.partial, with
+    the number of images done saved after each chunk is on disk, so an interrupted build (an ImageNet-sized set
+    takes an hour) starts again where it stopped; the file takes its name when complete, so a half-built cache is
+    never used."""
+    partial_path, progress = path.with_suffix(".partial"), path.with_suffix(".progress.json")
+    done, bad = json.loads(progress.read_text()) if progress.exists() and partial_path.exists() else (0, [])
+    mode = "r+" if done else "w+"
+    array = np.lib.format.open_memmap(partial_path, mode, np.uint8, (len(images), images.side, images.side, 3))
+    aspects = np.lib.format.open_memmap(path.with_suffix(".aspects"), mode, np.float32, (len(images),))
     if done:
-        array = np.lib.format.open_memmap(partial, mode="r+")
         log(f"data: the cache build of {path.name} goes on at image {done}/{len(images)}")
-    else:
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8,
-                                          shape=(len(images), images.side, images.side, 3))
-    loader = DataLoader(Subset(images, range(done, len(images))), batch_size=chunk, num_workers=workers)
+    chunks = [list(range(i, min(i + chunk, len(images)))) for i in range(done, len(images), chunk)]
+    loader = DataLoader(images, batch_sampler=chunks, collate_fn=read_as_is, num_workers=workers)
     start, resumed_at = time.perf_counter(), done
     last_report = start
-    for batch, errors in loader:
-        array[done:done + len(batch)] = batch.numpy()
-        array.flush()  # on disk before the progress says so
-        bad += [(done + i, why) for i, why in enumerate(errors) if why]
-        done += len(batch)
+    for (batch, batch_aspects, rows, failures), rows_asked in zip(loader, chunks):
+        array[rows.numpy()] = batch.numpy()  # an image that failed stays blank, and is listed
+        aspects[rows.numpy()] = batch_aspects.numpy()
+        array.flush(), aspects.flush()  # on disk before the progress says so
+        bad += failures
+        done += len(rows_asked)
         progress.with_suffix(".tmp").write_text(json.dumps([done, bad]))
         os.replace(progress.with_suffix(".tmp"), progress)
         if time.perf_counter() - last_report > 10 or done == len(images):
             last_report, rate = time.perf_counter(), (done - resumed_at) / (time.perf_counter() - start)
             eta = datetime.timedelta(seconds=round((len(images) - done) / rate))
             log(f"data: decoding into the cache: {done}/{len(images)} images, {rate:.0f} images/s, eta {eta}")
-    del array
-    bad_path.write_text(json.dumps(bad))
-    os.replace(partial, path)
+    del array, aspects
+    path.with_suffix(".json").write_text(json.dumps(bad))
+    os.replace(partial_path, path)
     progress.unlink()
+
+
+# -----------------------------------------------------------------------------
+# augmentation: one implementation, whatever the source. Each image's random numbers are a function of
+# (seed, epoch, sample index): the same in any batch, process or worker, and after a resume.
+#   on the training device, in whole batches: the crop (padded or resized) and the flip; MixUp and CutMix
+#   on the training device, image by image: --auto-augment and --random-erase (torchvision's transforms)
+#   in the loader processes: nothing; they only read (decode files, or gather cached rows)
+
+AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment, "augmix": v2.AugMix}
+
+
+def augment_batch(images, aspects, rows, epoch, *, seed, crop, size, padding, min_scale, auto_augment=None,
+                  random_erase=0.0):
+    """A training batch of stored images (uint8 [N, H, W, 3] on the device, their aspect ratios, their sample
+    indices) -> uint8 [N, 3, size, size]. crop "padded": shifts of up to `padding` px and a flip, the CIFAR recipe
+    (small images have no detail to spare for zooming); "resized": RandomResizedCrop and a flip, the ImageNet one."""
+    draws = hash_uniforms(seed, epoch, rows, 4).to(images.device)
+    flips = alternating_flips(seed, epoch, rows).to(images.device)
+    if crop == "padded":
+        images = padded_crop_flip(images, draws, flips, padding)
+    else:
+        images = resized_crop_flip(images, aspects, draws, flips, size, min_scale)
+    if auto_augment or random_erase:
+        images = augment_each(images, [seed_from(seed, epoch, row) for row in rows], auto_augment, random_erase)
+    return images
 
 
 def hash_uniforms(seed, epoch, indices, count):
@@ -613,45 +736,6 @@ def hash_uniforms(seed, epoch, indices, count):
     return torch.from_numpy((x >> np.uint64(40)).astype(np.float32) / 2.0**24)  # 24 bits: exact in float32, < 1
 
 
-def reflect(positions, size):
-    """Mirrors positions that fall outside 0..size-1 back inside, like reflect padding."""
-    positions = positions.abs()
-    return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
-
-
-def translate_flip(images, uniforms, flips, pad):
-    """The padded-crop recipe on a batch: shift each image by up to `pad` px in each direction (reflecting
-    at the borders; uniforms[:, :2]) and mirror those where `flips` is True.
-    images: [N, H, W, C] uint8 -> [N, C, H, W] (a channels_last view)."""
-    n, h, w, _ = images.shape
-    device = images.device
-    uniforms = uniforms.to(device)
-    shift = (uniforms[:, :2] * (2 * pad + 1)).floor().long() - pad
-    rows = reflect(torch.arange(h, device=device) + shift[:, :1], h)
-    cols = torch.arange(w, device=device).expand(n, w)
-    cols = torch.where(flips.to(device)[:, None], w - 1 - cols, cols)
-    cols = reflect(cols + shift[:, 1:2], w)
-    batch = torch.arange(n, device=device)[:, None, None]
-    return images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def resized_crop_flip(images, uniforms, flips, size, min_scale):
-    """RandomResizedCrop (area share min_scale..1, aspect 3/4..4/3, place: uniforms[:, :4]) and a mirror where
-    `flips` is True, on a batch, as one bilinear grid_sample. images: [N, S, S, C] uint8 -> [N, C, size, size]
-    float in 0..255."""
-    uniforms = uniforms.to(images.device)
-    area = min_scale + (1 - min_scale) * uniforms[:, 0]
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * uniforms[:, 1])
-    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # shares of the side
-    flip = torch.where(flips.to(images.device), -1.0, 1.0)
-    zero = torch.zeros_like(width)
-    theta = torch.stack([torch.stack([width * flip, zero, (2 * uniforms[:, 2] - 1) * (1 - width)], 1),
-                         torch.stack([zero, height, (2 * uniforms[:, 3] - 1) * (1 - height)], 1)], 1)
-    grid = F.affine_grid(theta, [len(images), 3, size, size], align_corners=False)
-    return F.grid_sample(images.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="reflection",
-                         align_corners=False)
-
-
 def alternating_flips(seed, epoch, indices):
     """Which images to mirror: a random half of them in even epochs, the other half in odd ones, so that every
     image is seen both ways in every two epochs (airbench's alternating flip: more variety than a fresh coin
@@ -660,50 +744,67 @@ def alternating_flips(seed, epoch, indices):
     return first ^ (epoch % 2 == 1)
 
 
-class CachedLoader:
-    """Batches from a cached array: rows gathered on the host (a memory copy), moved to the device, augmented
-    there. Yields (images [N, C, H, W] on the device, targets) like a DataLoader, and has the same
-    `sampler` and `len()`. The sampler draws positions among the usable `rows`; a row is a sample's index in the
-    sample list, and its image, target and augmentation are all looked up by it. augment: None, or a function
-    (images, uniforms, flips) -> images."""
-
-    def __init__(self, array, rows, targets, sampler, batch_size, device, augment=None, seed=0, drop_last=False):
-        self.images, self.rows = torch.from_numpy(array), torch.as_tensor(rows, dtype=torch.int64)
-        # every sample's class index, or multi-hot row: on the device once, a batch's are gathered there
-        self.targets = torch.stack([torch.as_tensor(t) for t in targets]).to(device)
-        self.sampler, self.batch_size, self.device = sampler, batch_size, device
-        self.augment, self.seed, self.drop_last = augment, seed, drop_last
-
-    def __len__(self):
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        keys = list(self.sampler)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            batch = keys[start:start + self.batch_size]
-            rows = self.rows[[k[0] if isinstance(k, tuple) else k for k in batch]]
-            # one copy on the host, by several threads, straight into pinned memory on CUDA (3x np.take's speed)
-            images = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8,
-                                 pin_memory=self.device.type == "cuda")
-            torch.index_select(self.images, 0, rows, out=images)
-            images = to_device(images, self.device)
-            if self.augment is None:
-                images = images.permute(0, 3, 1, 2)
-            else:
-                epoch = batch[0][1]
-                images = self.augment(images, to_device(hash_uniforms(self.seed, epoch, rows.numpy(), 4), self.device),
-                                      to_device(alternating_flips(self.seed, epoch, rows.numpy()), self.device))
-            yield images, self.targets[to_device(rows, self.device)]
+def reflect(positions, size):
+    """Mirrors positions that fall outside 0..size-1 back inside, like reflect padding."""
+    positions = positions.abs()
+    return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
 
 
-def to_device(tensor, device):
-    """Moves a host tensor to `device` without waiting. A copy to a GPU from ordinary (pageable) host memory
-    first waits for all the GPU's queued work: a sync point, which would stall the loop at every batch. From
-    pinned memory it is queued behind that work instead, and the host goes on to the next batch."""
-    if device.type == "cuda" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+def padded_crop_flip(images, draws, flips, pad):
+    """Shifts each image by up to `pad` px in each direction (reflecting at the borders; draws[:, :2]) and
+    mirrors those where `flips` is True. images: [N, H, W, C] uint8 -> [N, C, H, W] (a channels_last view)."""
+    n, h, w, _ = images.shape
+    device = images.device
+    shift = (draws[:, :2] * (2 * pad + 1)).floor().long() - pad
+    rows = reflect(torch.arange(h, device=device) + shift[:, :1], h)
+    cols = torch.arange(w, device=device).expand(n, w)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols)
+    cols = reflect(cols + shift[:, 1:2], w)
+    batch = torch.arange(n, device=device)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def resized_crop_flip(images, aspects, draws, flips, size, min_scale):
+    """RandomResizedCrop (area share min_scale..1 and width/height 3/4..4/3 of the original image, whose aspect
+    ratio is `aspects`; place: draws[:, :4]) and a mirror where `flips` is True, as one bilinear grid_sample of
+    the whole images, squashed to squares. images: [N, S, S, C] uint8 -> [N, C, size, size] uint8."""
+    area = min_scale + (1 - min_scale) * draws[:, 0]
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * draws[:, 1])
+    width = (area * ratio / aspects).sqrt().clamp(max=1)  # shares of the original's width and height
+    height = (area * aspects / ratio).sqrt().clamp(max=1)
+    zero = torch.zeros_like(width)
+    theta = torch.stack([torch.stack([width * torch.where(flips, -1.0, 1.0), zero, (2 * draws[:, 2] - 1) * (1 - width)],
+                                     1), torch.stack([zero, height, (2 * draws[:, 3] - 1) * (1 - height)], 1)], 1)
+    grid = F.affine_grid(theta, [len(images), 3, size, size], align_corners=False)
+    crops = F.grid_sample(images.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="reflection",
+                          align_corners=False)
+    return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def augment_each(images, seeds, auto_augment, random_erase):
+    """torchvision's auto-augment policy and random erasing (to the mean colour, as erasing to 0 after
+    normalisation would), image by image, each seeded from its own seed."""
+    steps = [AUTO_AUGMENT[auto_augment]()] if auto_augment else []
+    if random_erase:
+        steps.append(v2.RandomErasing(random_erase, value=[round(255 * m) for m in IMAGENET_MEAN]))
+    transform = v2.Compose(steps)
+    generator = torch.random.default_generator  # what the transforms draw from, wherever the images are
+    state = generator.get_state()  # left as it was for the caller
+    augmented = []
+    try:
+        for image, seed in zip(images, seeds):
+            generator.manual_seed(seed)
+            augmented.append(transform(image))
+    finally:
+        generator.set_state(state)
+    return torch.stack(augmented)
+
+
+def make_mix(mixup_alpha, cutmix_alpha, num_classes):
+    """MixUp or CutMix, one of them at random per batch (after normalisation: both are linear), or None."""
+    mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
+    mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
+    return v2.RandomChoice(mixes) if mixes else None
 
 
 # -----------------------------------------------------------------------------

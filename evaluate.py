@@ -200,9 +200,8 @@ def main(argv=None):
     else:
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)
-    dataset = data.ImageDataset(samples, data.eval_transform(preprocess))
-    loader = data.make_eval_loader(dataset, args.batch_size or train_args["batch_size"], args.workers, device,
-                                   rank, world_size)
+    loader = data.eval_batches(samples, preprocess, args.batch_size or train_args["batch_size"], device, args.workers,
+                               rank, world_size)
 
     model = model_from_checkpoint(checkpoint).to(device)
     channels_last = train_args["channels_last"]

@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -25,11 +24,9 @@ from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.transforms import v2
 
 import data
 import utils
@@ -183,20 +180,6 @@ def resume_args(args):
     return argparse.Namespace(**saved), checkpoint
 
 
-def default_workers(world_size, device):
-    """On a GPU, loader processes take every core but one per training process (at most 16 each). On the CPU
-    they compete with the model for cores: leave about half the cores to compute; with 2 cores or fewer per
-    process the model's threads use them all and a loader process can only take from them, so loading in the
-    training process itself is faster (resnet18, 128 px: 73.7 images/s with 0 workers, 67.9 with 1, bare
-    compute 81.6)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device.type == "cuda":  # the GPU computes: every core but the training process's own can load
-        return max(1, min(16, cores // world_size - 1))
-    if cores // world_size <= 2:
-        return 0
-    return max(1, min(8, cores // (2 * world_size)))
-
-
 def new_output_dir(data_name):
     """Creates runs/<data name>-<date>-<time>: creating it claims it, so two runs started in the same second
     (or by two launches at once) get two folders."""
@@ -210,123 +193,80 @@ def new_output_dir(data_name):
             path, n = Path(f"{base}-{n}"), n + 1
 
 
+def claim_output_dir(args, rank):
+    """The run's folder, the same in every process: --output-dir, or a new one that rank 0 creates."""
+    output_dir = args.output_dir
+    if output_dir is None and rank == 0:
+        output_dir = str(new_output_dir(Path(args.train_csv).stem if args.train_csv
+                                        else Path(args.data or SHAPES_DIR).resolve().name))
+    output_dir = Path(utils.broadcast_object(output_dir))
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def check_device(args, device, world_size):
+    if args.amp == "fp16" and device.type == "mps":
+        raise SystemExit("error: --amp fp16 is not supported on mps; use bf16 or off")
+    if args.sync_bn and world_size > 1 and device.type != "cuda":
+        raise SystemExit("error: --sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop the flag")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores: ~same accuracy, much faster matmuls
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def is_finished(checkpoint, args, world_size, log):
+    """Whether a checkpoint to resume has nothing left to do; an error if it cannot be resumed here."""
+    if checkpoint["world_size"] != world_size:
+        raise SystemExit(f"error: {args.resume} was trained by {checkpoint['world_size']} process(es); resume it "
+                         f"with the same number (this run has {world_size}), so the batch and schedule stay the same")
+    if checkpoint["epoch"] >= args.epochs:
+        log(f"{args.resume} is a finished run ({checkpoint['epoch']}/{args.epochs} epochs): nothing to do. "
+            "To train further, start a new run with --weights " + args.resume)
+    return checkpoint["epoch"] >= args.epochs
+
+
 # -----------------------------------------------------------------------------
 # data
 
-def load_data(args, rank, local_rank, world_size, device, output_dir, log):
-    """Classes, eval preprocessing and the train and val loaders; fills in the defaults that depend on the images."""
+def load_data(args, output_dir, local_rank, world_size, log):
+    """Reads the samples and settles, once, the flags whose defaults depend on them: --data (the demo),
+    --img-size, --model, --train-crop. Returns (args settled: a new namespace, classes, train and val samples)."""
+    settled = {"output_dir": str(output_dir)}
     if args.data is None and args.train_csv is None:
         if local_rank == 0:
             log(f"data: no --data given: training on generated shapes in {SHAPES_DIR} (written once)")
             data.make_shapes_dataset(SHAPES_DIR)
         if world_size > 1:
             torch.distributed.barrier()  # the other processes wait for the files
-        args.data = SHAPES_DIR
+        settled["data"] = SHAPES_DIR
     wanted, ignore = data.parse_class_list(args.classes), data.parse_class_list(args.ignore_classes) or []
     if args.train_csv:
         classes, train_samples, val_samples = data.load_csv_samples(
             args.train_csv, args.val_csv, (args.image_column, args.label_column, args.label_delimiter),
             args.val_fraction, args.seed, log, args.strict, wanted, ignore, args.task == "multilabel")
     else:
-        classes, train_samples, val_samples = data.load_samples(args.data, args.val_fraction, args.seed, log,
-                                                                args.strict, wanted, ignore)
+        classes, train_samples, val_samples = data.load_samples(settled.get("data", args.data), args.val_fraction,
+                                                                args.seed, log, args.strict, wanted, ignore)
+    img_size = args.img_size or data.infer_img_size([path for path, _ in train_samples])
     if args.img_size is None:
-        args.img_size = data.infer_img_size([path for path, _ in train_samples])
-        log(f"data: image size {args.img_size} px, from the median short side of the training images (--img-size)")
+        log(f"data: image size {img_size} px, from the median short side of the training images (--img-size)")
     if args.model is None:
-        args.model = "smallnet" if args.img_size <= 64 else "resnet18"
-        log(f"model: {args.model}, the default for {args.img_size} px images (--model)")
-    if args.train_crop is None:
-        args.train_crop = "padded" if args.img_size <= 64 else "resized"
-    preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
-    if decide_cache(args, len(train_samples) + len(val_samples), preprocess["resize_size"], log):
-        train_loader, val_loader = cached_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
-                                                  world_size, device, output_dir, log)
-    else:
-        train_set = data.ImageDataset(train_samples, data.train_transform(
-            args.img_size, args.train_crop, args.min_scale, args.auto_augment, args.random_erase,
-            padding=args.crop_padding),
-        args.seed, args.strict)
-        val_set = data.ImageDataset(val_samples, data.eval_transform(preprocess), strict=args.strict)
-        train_loader = data.make_train_loader(train_set, args.batch_size, args.workers, device, args.seed, rank,
-                                              world_size)
-        val_loader = data.make_eval_loader(val_set, args.batch_size, args.workers, device, rank, world_size)
+        settled["model"] = "smallnet" if img_size <= 64 else "resnet18"
+        log(f"model: {settled['model']}, the default for {img_size} px images (--model)")
+    settled.update(img_size=img_size, train_crop=args.train_crop or ("padded" if img_size <= 64 else "resized"))
+    return argparse.Namespace(**{**vars(args), **settled}), classes, train_samples, val_samples
+
+
+def count_steps(train_loader, args, world_size, log):
+    """Optimizer steps per epoch."""
     if len(train_loader) < args.accum_steps:
         raise SystemExit(f"error: --accum-steps {args.accum_steps} is more than the {len(train_loader)} batch(es) of "
                          f"-b {args.batch_size} in an epoch of {len(train_loader.sampler)} training images per "
                          "process: lower --accum-steps or --batch-size")
     log(f"batch: {args.batch_size} per process x {world_size} process(es) x {args.accum_steps} accumulation "
-        f"step(s) = {args.batch_size * world_size * args.accum_steps} images per update; "
-        f"{0 if args.cache else args.workers} loader worker(s) per process; device {device}")
-    return classes, preprocess, train_loader, val_loader
-
-
-def spread_sample(loader, n):
-    """n training images spread evenly over the dataset (whatever the process: the same in all of them), as
-    the loader gives them (uint8 NCHW; cropped and flipped at random on the per-image path)."""
-    size = len(loader.rows) if isinstance(loader, data.CachedLoader) else len(loader.dataset)
-    picks = np.linspace(0, size - 1, min(n, size)).astype(int)
-    if isinstance(loader, data.CachedLoader):
-        return loader.images[loader.rows[picks]].permute(0, 3, 1, 2)
-    return torch.stack([image for image, _, _ in (loader.dataset[i] for i in picks) if image is not None])
-
-
-def decide_cache(args, n_images, side, log):
-    """--cache on or off as asked; by default on when the decoded images are small and only crops and flips are
-    asked for (what the batched device augmentation does)."""
-    per_image_augmentation = args.auto_augment or args.random_erase > 0
-    if args.cache and per_image_augmentation:
-        raise SystemExit("error: --cache augments whole batches (crop and flip only); --auto-augment and "
-                         "--random-erase need the per-image path: drop --cache, or drop them")
-    size_gib = n_images * side * side * 3 / 2**30
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    if args.cache is None:
-        args.cache = not per_image_augmentation and size_gib <= memory_gib / 4
-        log(f"data: --cache {'on' if args.cache else 'off'}: the decoded images take {size_gib:.2f} GiB; the cache is "
-            f"on by default when that is at most a quarter of the memory ({memory_gib / 4:.1f} GiB) and neither "
-            "--auto-augment nor --random-erase is asked (--cache / --no-cache)")
-    return args.cache
-
-
-def cached_loaders(args, train_samples, val_samples, preprocess, rank, local_rank, world_size, device, output_dir, log):
-    """Decodes the images once into memory-mapped files (local rank 0 decodes, the other processes wait and
-    share its files), then batches from them, augmented on the device."""
-    source = Path(args.data) if args.data else Path(args.train_csv).parent
-    folder = source / ".cache"
-    if not os.access(source, os.W_OK):
-        folder = Path(output_dir) / "cache"  # every process knows the output folder
-    padded = args.train_crop == "padded"
-    side = args.img_size if padded else preprocess["resize_size"]  # resized crops zoom into a margin
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-    def build():
-        val_side = preprocess["resize_size"], args.img_size
-        return (data.build_cache(train_samples, side, side, folder, workers, log, args.strict),
-                data.build_cache(val_samples, *val_side, folder, workers, log, args.strict))
-    if local_rank == 0:  # decodes; the others wait in agree_on_failure, then map its files
-        try:
-            built = build()
-        except BaseException:
-            utils.agree_on_failure(True)
-            raise
-    if utils.agree_on_failure(False):
-        raise SystemExit(f"error: process {rank}: the process that decodes the images into the cache failed; "
-                         "its error is in its output")
-    (train_array, train_rows), (val_array, val_rows) = built if local_rank == 0 else build()
-    log(f"data: decoded images cached in {folder} ({train_array.nbytes / 2**20:.0f} + {val_array.nbytes / 2**20:.0f}"
-        f" MiB, reused while the files are unchanged); augmented in batches on {device}")
-    if padded:
-        pad = args.img_size // 8 if args.crop_padding is None else args.crop_padding
-        augment = partial(data.translate_flip, pad=pad)
-    else:
-        augment = partial(data.resized_crop_flip, size=args.img_size, min_scale=args.min_scale)
-    train_targets = [target for _, target in train_samples]
-    sampler = data.make_epoch_sampler(len(train_rows), args.batch_size, args.seed, rank, world_size)
-    train_loader = data.CachedLoader(train_array, train_rows, train_targets, sampler, args.batch_size, device,
-                                     augment, args.seed, drop_last=True)
-    val_loader = data.CachedLoader(val_array, val_rows, [target for _, target in val_samples],
-                                   range(rank, len(val_rows), world_size), args.batch_size, device)
-    return train_loader, val_loader
+        f"step(s) = {args.batch_size * world_size * args.accum_steps} images per update")
+    return len(train_loader) // args.accum_steps
 
 
 def make_model(args, num_classes, world_size, log):
@@ -395,125 +335,161 @@ def optimizer_step(model, optimizer, scaler, clip_grad_norm=None, fixed_scale=Tr
 
 
 @torch.no_grad()
-def update_ema(ema_model, model, decay):
+def update_ema(ema_model, model, decay, step):
+    """The EMA of the weights; its decay grows from 0.1 to `decay` in the first steps, so early weights fade fast."""
+    decay = min(decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
     for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)  # BatchNorm statistics: take the model's own
 
 
-def make_mix(args, num_classes):
-    mixes = [v2.MixUp(alpha=args.mixup_alpha, num_classes=num_classes)] if args.mixup_alpha > 0 else []
-    mixes += [v2.CutMix(alpha=args.cutmix_alpha, num_classes=num_classes)] if args.cutmix_alpha > 0 else []
-    return v2.RandomChoice(mixes) if mixes else None
+def make_ema(model, args, num_classes, device):
+    if not args.model_ema:
+        return None
+    ema_model = build_model(args.model, num_classes, log=lambda *_: None).to(device)
+    ema_model.load_state_dict(model.state_dict())
+    return ema_model.eval().requires_grad_(False)
+
+
+def restore(checkpoint, model, ema_model, optimizer, scaler):
+    """Loads a checkpoint's state into the run's objects; returns its step and (best score, best epoch)."""
+    model.load_state_dict(checkpoint["model"])
+    if ema_model is not None:
+        ema_model.load_state_dict(checkpoint["model_ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["step"], (checkpoint["best_score"], checkpoint.get("best_epoch", 0))
+
+
+def evaluate_model(model, val_loader, args, device, classes, preprocess):
+    """The metrics of the model that is saved: the unwrapped one (a DDP model would sync its buffers in its first
+    forward, a collective that a process without validation images never makes), with rank 0's BatchNorm
+    statistics in every process."""
+    utils.broadcast_buffers(model)
+    return EVALUATE[args.task](model, val_loader, device, len(classes), preprocess, args.amp, args.channels_last,
+                               tta=args.tta)
+
+
+def log_epoch(epoch, epochs, stats, metrics, is_best, output_dir, task, log):
+    """The epoch's line in the log, and its row of results.csv (if output_dir is given: rank 0). The row comes before
+    the checkpoint: a resume from the previous last.pt trims it away again."""
+    log(f"epoch {epoch + 1}/{epochs}  train loss {stats['train_loss']:.4f} top-1 {stats['train_top1']:.2f}%  "
+        f"val loss {metrics['loss']:.4f} {metrics['summary']}  "
+        f"{stats['seconds']:.1f}s  {stats['images_per_s']:.0f} img/s" + ("  * best" if is_best else ""))
+    if output_dir is not None:
+        append_results(output_dir / "results.csv", {
+            "epoch": epoch + 1, "val_loss": metrics["loss"], **metrics["columns"],
+            **{k: stats[k] for k in ("lr", "train_loss", "train_top1", "seconds", "images_per_s")}},
+            RESULTS_COLUMNS[task])
 
 
 # -----------------------------------------------------------------------------
 # one epoch
 
-def train_one_epoch(model, ema_model, loader, optimizer, scaler, criterion, mix, epoch, step, run):
-    """Trains epoch `epoch` from optimizer step `step` (mid-epoch after a resume) to its end, or until a
-    stop is asked for. Returns the step reached and the stats of the steps it ran (None if stopped).
+def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, args, device, *, epochs, normalize, mix,
+                    lr_of_step, ema_update, no_sync, flags, save, log):
+    """Trains epoch `epoch` from optimizer step `step` (mid-epoch after a resume) to its end, or until a stop is
+    asked for. Returns the step reached and the stats of the steps it ran (None if stopped).
 
     Losses and hits are summed on the device and read only when the progress line is redrawn:
     the loop itself never waits for the device."""
-    args, device, log = run["args"], run["device"], run["log"]
-    model.train()
-    keep_frozen_in_eval(run["frozen"])
     steps_per_epoch = len(loader) // args.accum_steps
     done = step - epoch * steps_per_epoch  # steps of this epoch already taken before a resume
     # the order is a function of (seed, epoch): skipping the batches already seen gives the remaining ones
     loader.sampler.set_epoch(epoch, skip=done * args.accum_steps * args.batch_size)
-    loss_sum = torch.zeros((), device=device)
-    hits = torch.zeros((), dtype=torch.int64, device=device)
-    bad_steps = torch.zeros((), dtype=torch.int64, device=device)  # micro-steps with a non-finite loss
-    bad_run = torch.zeros((), dtype=torch.int64, device=device)  # the latest ones in a row
-    seen, data_wait, start = 0, 0.0, time.perf_counter()
-    progress = Progress(epoch, args.epochs, steps_per_epoch, done, log)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, right answers, micro-steps with a non-finite loss
+    bad_run = torch.zeros((), dtype=torch.int64, device=device)  # the latest non-finite ones in a row
+    progress = Progress(epoch, epochs, steps_per_epoch, done, log)
     batches = iter(loader)
     for micro_step in range(done * args.accum_steps, steps_per_epoch * args.accum_steps):
-        wait = time.perf_counter()
-        images, targets = next(batches)
-        data_wait += time.perf_counter() - wait
+        images, targets = progress.timed(next, batches)
         # every random draw of this step (dropout, MixUp) is a function of (seed, epoch, step, rank)
-        utils.seed_draws(utils.seed_from(args.seed, epoch, micro_step, run["rank"]), device.type)
-        images = run["normalize"](images.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
-        labels = targets
+        utils.seed_draws(utils.seed_from(args.seed, epoch, micro_step, utils.get_rank()), device.type)
+        images, labels = normalize(images), targets
         if mix is not None:
             images, targets = mix(images, targets)
         update = (micro_step + 1) % args.accum_steps == 0
-        if update:
-            lr = lr_at(step, run["total_steps"], run["warmup_steps"], args.lr, args.lr_min)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
         # DDP all-reduces gradients in backward; between accumulation steps there is nothing to reduce yet
-        sync = nullcontext() if (update or run["ddp_model"] is None) else run["ddp_model"].no_sync()
-        with sync:
+        with nullcontext() if update else no_sync():
             with utils.autocast(device, args.amp):
                 logits = model(images)
                 loss = criterion(logits.float(), targets)
             scaler.scale(loss / args.accum_steps).backward()
         # a non-finite loss is counted here, on the device; the scaler skips its step in optimizer_step
         finite = torch.isfinite(loss.detach())
-        bad_steps += ~finite
         bad_run = (bad_run + 1) * ~finite
-        loss_sum += torch.where(finite, loss.detach(), 0.0) * len(labels)
-        hits += count_hits(logits.detach(), labels)
-        seen += len(labels)
-        if update:
-            optimizer_step(model, optimizer, scaler, args.clip_grad_norm, fixed_scale=args.amp != "fp16")
-            step += 1
-            if ema_model is not None:
-                update_ema(ema_model, run["raw_model"], min(args.model_ema_decay, (1 + step) / (10 + step)))
-            progress.update(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
-            end = step == (epoch + 1) * steps_per_epoch
-            stop = check_flags(run, step, bad_run, force=end)
-            if end:
-                break  # the epoch's end: evaluation and the epoch's checkpoint come next, in main()
-            if stop or (args.save_every_steps and step % args.save_every_steps == 0):
-                run["save_last"](epoch, step)
-            if stop:
-                progress.finish(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
-                return step, None
-    progress.finish(step - epoch * steps_per_epoch, loss_sum, seen, lr, data_wait, start)
-    # totals over all processes: a sync point, once per epoch
-    totals = utils.all_reduce_sum(torch.stack([loss_sum.double(), hits.double(), bad_steps.double(),
-                                               torch.tensor(seen, device=device, dtype=torch.float64)]))
-    loss_total, hits_total, bad_total, seen_total = totals.tolist()
-    if bad_total:
-        log(f"warning: {bad_total:.0f} step(s) of epoch {epoch + 1} had a non-finite loss and were skipped")
-    seconds = time.perf_counter() - start
-    return step, {"lr": lr, "train_loss": loss_total / max(seen_total - bad_total * args.batch_size, 1),
-                  "train_top1": 100 * hits_total / seen_total, "seconds": seconds, "images_per_s": seen_total / seconds}
+        sums += torch.stack([torch.where(finite, loss.detach(), 0.0) * len(labels), count_hits(logits, labels), ~finite])
+        progress.seen += len(labels)
+        if not update:
+            continue
+        lr = set_lr(optimizer, lr_of_step(step))
+        optimizer_step(model, optimizer, scaler, args.clip_grad_norm, fixed_scale=args.amp != "fp16")
+        step += 1
+        if ema_update is not None:
+            ema_update(step)
+        progress.update(step - epoch * steps_per_epoch, sums[0], lr)
+        end = step == (epoch + 1) * steps_per_epoch
+        stop = flags.check(step, bad_run, force=end)
+        if end:
+            break  # the epoch's end: evaluation and the epoch's checkpoint come next, in train()
+        if stop or (args.save_every_steps and step % args.save_every_steps == 0):
+            save(epoch, step)
+        if stop:
+            progress.finish(step - epoch * steps_per_epoch, sums[0], lr)
+            return step, None
+    progress.finish(step - epoch * steps_per_epoch, sums[0], lr)
+    return step, epoch_stats(sums, progress, lr, args.batch_size, epoch, log)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def count_hits(logits, labels):
     """Right answers: the top-1 class; for multilabel (multi-hot labels), every label decision of an image."""
+    logits = logits.detach()
     if labels.ndim == 1:
         return (logits.argmax(1) == labels).sum()
     return ((logits > 0) == (labels > 0.5)).all(1).sum()
 
 
-def check_flags(run, step, bad_run, force=False):
-    """True once SIGTERM or Ctrl-C came; stops the run with an error once the loss has not been finite for
-    MAX_BAD_STEPS steps in a row. All processes must agree on the step they stop at, so every CHECK_EVERY
-    steps the flags are all-reduced on the device and copied to the host without waiting. On a GPU what is
-    read is the copy started CHECK_EVERY steps earlier, finished long since, so the loop never waits for the
-    GPU; `force` (an epoch's end) reads the current flags there: a sync point."""
-    if step % CHECK_EVERY and not force:
-        return run["world_size"] == 1 and run["stop"].is_set()
-    flags = torch.stack([torch.full((), float(run["stop"].is_set()), device=run["device"]), bad_run.float()])
-    pending, earlier = read_later(utils.all_reduce_max(flags)), run.get("pending_flags")
-    run["pending_flags"] = pending
-    use_earlier = earlier is not None and not force and run["device"].type == "cuda"  # elsewhere reading is free
-    stop, bad = (earlier if use_earlier else pending)()
-    if bad >= MAX_BAD_STEPS:
-        args = run["args"]
-        where = f"epoch {(step - 1) // run['steps_per_epoch'] + 1} step {(step - 1) % run['steps_per_epoch'] + 1}"
-        raise SystemExit(f"error: the loss was inf or NaN for the last {bad:.0f} steps (at {where}; each was skipped): "
-                         f"the run diverged and stops without saving, so last.pt keeps the last good epoch. Try a "
-                         f"lower --lr (now {args.lr:g}), --clip-grad-norm 1, or --amp off (now {args.amp})")
-    return stop > 0
+def epoch_stats(sums, progress, lr, batch_size, epoch, log):
+    """The epoch's loss, top-1 and speed, over all processes: a sync point, once per epoch."""
+    seen = torch.tensor([progress.seen], dtype=torch.float64, device=sums.device)
+    loss_sum, hits, bad, seen = utils.all_reduce_sum(torch.cat([sums, seen])).tolist()
+    if bad:
+        log(f"warning: {bad:.0f} step(s) of epoch {epoch + 1} had a non-finite loss and were skipped")
+    seconds = time.perf_counter() - progress.start
+    return {"lr": lr, "train_loss": loss_sum / max(seen - bad * batch_size, 1), "train_top1": 100 * hits / seen,
+            "seconds": seconds, "images_per_s": seen / seconds}
+
+
+class StopFlags:
+    """Whether to stop: SIGTERM or Ctrl-C came (`stop`, an event), or the loss has not been finite for
+    MAX_BAD_STEPS steps in a row (an error). All processes must agree on the step they stop at, so every
+    CHECK_EVERY steps the flags are all-reduced on the device and copied to the host without waiting. On a GPU
+    what is read is the copy started CHECK_EVERY steps earlier, finished long since, so the loop never waits for
+    the GPU; `force` (an epoch's end) reads the current flags there: a sync point."""
+
+    def __init__(self, stop, device, steps_per_epoch, hint):
+        self.stop, self.device, self.steps_per_epoch, self.hint = stop, device, steps_per_epoch, hint
+        self.pending = None
+
+    def check(self, step, bad_run, force=False):
+        if step % CHECK_EVERY and not force:
+            return utils.get_world_size() == 1 and self.stop.is_set()
+        flags = torch.stack([torch.full((), float(self.stop.is_set()), device=self.device), bad_run.float()])
+        earlier, self.pending = self.pending, read_later(utils.all_reduce_max(flags))
+        use_earlier = earlier is not None and not force and self.device.type == "cuda"  # elsewhere reading is free
+        stop, bad = (earlier if use_earlier else self.pending)()
+        if bad >= MAX_BAD_STEPS:
+            where = f"epoch {(step - 1) // self.steps_per_epoch + 1} step {(step - 1) % self.steps_per_epoch + 1}"
+            raise SystemExit(f"error: the loss was inf or NaN for the last {bad:.0f} steps (at {where}; each was "
+                             f"skipped): the run diverged and stops without saving, so last.pt keeps the last good "
+                             f"epoch. {self.hint}")
+        return stop > 0
 
 
 def read_later(tensor):
@@ -545,7 +521,7 @@ def epochs_for_time(hours, train_seconds, steps_run, steps_per_epoch, eval_secon
 
 
 def exit_for_resume(where, output_dir, log):
-    log(f"stopped {where}; continue with: python train.py --resume {Path(output_dir or '.') / 'last.pt'}")
+    log(f"stopped {where}; continue with: python train.py --resume {Path(output_dir) / 'last.pt'}")
     utils.cleanup_distributed()
     sys.exit(128 + signal.SIGTERM)
 
@@ -557,13 +533,21 @@ class Progress:
     def __init__(self, epoch, epochs, steps, first_step, log):
         self.head, self.steps, self.first_step, self.log = f"epoch {epoch + 1}/{epochs}", steps, first_step, log
         self.live = sys.stdout.isatty()
-        self.last_draw = time.perf_counter()
+        self.start = self.last_draw = time.perf_counter()
+        self.seen, self.data_wait = 0, 0.0
 
-    def line(self, step, loss_sum, seen, lr, data_wait, start):
-        elapsed = time.perf_counter() - start
+    def timed(self, read, batches):
+        """A batch, counting the time spent waiting for it."""
+        wait = time.perf_counter()
+        batch = read(batches)
+        self.data_wait += time.perf_counter() - wait
+        return batch
+
+    def line(self, step, loss_sum, lr):
+        elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step - self.first_step, 1) * (self.steps - step)
-        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(seen, 1):.4f}  lr {lr:.4g}  "
-                f"{seen / elapsed:.0f} img/s  data wait {100 * data_wait / elapsed:.0f}%  "
+        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(self.seen, 1):.4f}  lr {lr:.4g}  "
+                f"{self.seen / elapsed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
                 f"eta {timedelta(seconds=round(eta))}")
 
     def update(self, *state):
@@ -580,24 +564,35 @@ class Progress:
 # -----------------------------------------------------------------------------
 # checkpoints and results
 
-def make_checkpoint(run, optimizer, scaler, ema_model, epoch, step, best_score, metrics):
-    """Everything needed to continue the run or to use the model alone. No RNG state is needed:
-    every random draw is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index)."""
+def make_checkpoint(model, ema_model, optimizer, scaler, args, classes, preprocess, epoch, step, best, metrics=None):
+    """Everything needed to continue the run or to use the model alone. No RNG state is needed: every random draw
+    is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index). best: (score, epoch)."""
     return {
-        "model": utils.unwrap_state_dict(run["raw_model"].state_dict()),
+        "model": utils.unwrap_state_dict(model.state_dict()),
         "model_ema": utils.unwrap_state_dict(ema_model.state_dict()) if ema_model is not None else None,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "epoch": epoch,  # epochs completed
         "step": step,  # optimizer steps completed
-        "best_score": best_score,
+        "best_score": best[0],
+        "best_epoch": best[1],
         "metrics": metrics,
-        "world_size": run["world_size"],
-        "args": vars(run["args"]),
-        "model_name": run["args"].model,
-        "classes": run["classes"],
-        "preprocess": run["preprocess"],
+        "world_size": utils.get_world_size(),
+        "args": vars(args),
+        "model_name": args.model,
+        "classes": classes,
+        "preprocess": preprocess,
     }
+
+
+def save_checkpoints(checkpoint, output_dir, is_best=False, save_period=0):
+    """last.pt, and best.pt and epoch<N>.pt when due; best.pt first, so last.pt never records a best that best.pt
+    lacks. A checkpoint with metrics is an epoch's end."""
+    if is_best:
+        utils.save_checkpoint(checkpoint, output_dir / "best.pt")
+    if checkpoint["metrics"] is not None and save_period and checkpoint["epoch"] % save_period == 0:
+        utils.save_checkpoint(checkpoint, output_dir / f"epoch{checkpoint['epoch']}.pt")
+    utils.save_checkpoint(checkpoint, output_dir / "last.pt")
 
 
 def save_first_batch(loader, mix, classes, args, device, path, count=32):
@@ -606,7 +601,7 @@ def save_first_batch(loader, mix, classes, args, device, path, count=32):
     with its label; a mixed label names its two largest shares."""
     loader.sampler.set_epoch(0)
     images, targets = next(iter(loader))
-    images, targets = images.to(device).float(), targets.to(device)
+    images = images.float()
     utils.seed_draws(utils.seed_from(args.seed, 0, 0, 0), device.type)
     if mix is not None:
         images, targets = mix(images, targets)
@@ -642,6 +637,16 @@ def append_results(path, row, columns):
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def plot_run(output_dir, task, classes):
+    """results.png from results.csv, and confusion_matrix.png of best.pt."""
+    with open(output_dir / "results.csv", newline="") as f:
+        utils.plot_results(list(csv.DictReader(f)), output_dir / "results.png",
+                           "val_top1" if task == "single" else "val_f1")
+    if task == "single":
+        utils.plot_confusion(utils.load_checkpoint(output_dir / "best.pt")["metrics"]["confusion"], classes,
+                             output_dir / "confusion_matrix.png")
+
+
 # -----------------------------------------------------------------------------
 
 @contextmanager
@@ -664,154 +669,92 @@ def main(argv=None):
 
 
 def train(args, stop):
-    checkpoint = None
-    if args.resume:
-        args, checkpoint = resume_args(args)
+    args, checkpoint = resume_args(args) if args.resume else (args, None)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
-    if args.amp == "fp16" and device.type == "mps":
-        raise SystemExit("error: --amp fp16 is not supported on mps; use bf16 or off")
-    if args.sync_bn and world_size > 1 and device.type != "cuda":
-        raise SystemExit("error: --sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU; drop the flag")
-    if args.workers is None:
-        args.workers = default_workers(world_size, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores: ~same accuracy, much faster matmuls
-        torch.backends.cudnn.allow_tf32 = True
-
-    # output folder and log: rank 0 makes the folder and writes, every process knows the folder, the others stay quiet
-    if rank == 0 and args.output_dir is None:
-        name = Path(args.train_csv).stem if args.train_csv else Path(args.data or SHAPES_DIR).resolve().name
-        args.output_dir = str(new_output_dir(name))
-    args.output_dir = utils.broadcast_object(args.output_dir)
-    output_dir = Path(args.output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    check_device(args, device, world_size)
+    output_dir = claim_output_dir(args, rank)
     log = utils.make_logger(output_dir / "train.log" if rank == 0 else None, enabled=rank == 0)
     log(f"{'resuming ' + args.resume if args.resume else 'training'}: {' '.join(sys.argv)}")
-    if checkpoint is not None and checkpoint["world_size"] != world_size:
-        raise SystemExit(f"error: {args.resume} was trained by {checkpoint['world_size']} process(es); resume it "
-                         f"with the same number (this run has {world_size}), so the batch and schedule stay the same")
-    if checkpoint is not None and checkpoint["epoch"] >= args.epochs:
-        log(f"{args.resume} is a finished run ({checkpoint['epoch']}/{args.epochs} epochs): nothing to do. "
-            "To train further, start a new run with --weights " + args.resume)
-        utils.cleanup_distributed()
-        return
+    if checkpoint is not None and is_finished(checkpoint, args, world_size, log):
+        return utils.cleanup_distributed()
 
     # data
-    classes, preprocess, train_loader, val_loader = load_data(args, rank, local_rank, world_size, device, output_dir,
-                                                              log)
+    args, classes, train_samples, val_samples = load_data(args, output_dir, local_rank, world_size, log)
+    preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
+    train_loader, val_loader = data.make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
+                                                 world_size, device, output_dir, log)
+    steps_per_epoch = count_steps(train_loader, args, world_size, log)
 
-    # model
+    # model, optimizer, loss
     utils.seed_everything(args.seed)  # the same initial weights in every process
     model, frozen = make_model(args, len(classes), world_size, log)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     normalize = data.make_normalize(preprocess, device, args.channels_last)
     if hasattr(model, "whiten_stem") and not args.weights and checkpoint is None:
-        sample = spread_sample(train_loader, WHITEN_IMAGES)
-        model.whiten_stem(normalize(sample.to(device)))
+        sample = train_loader.sample(WHITEN_IMAGES)
+        model.whiten_stem(normalize(sample))
         log(f"model: the stem's filters whiten the 2x2 patches of {len(sample)} training images (fixed, not trained)")
-    ema_model = None
-    if args.model_ema:
-        ema_model = build_model(args.model, len(classes), log=lambda *_: None).to(device)
-        ema_model.load_state_dict(model.state_dict())
-        ema_model.eval().requires_grad_(False)
-    raw_model = model  # the module whose state_dict we save, whatever wraps it below
-    optimizer = make_optimizer(raw_model, args, device)
-    scaler = make_scaler(args.amp, device)
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ddp_model = model if world_size > 1 else None  # whose no_sync skips the all-reduce between accumulation steps
-    if args.compile:
-        model = torch.compile(model)
+    ema_model = make_ema(model, args, len(classes), device)
+    optimizer, scaler = make_optimizer(model, args, device), make_scaler(args.amp, device)
+    step, best = restore(checkpoint, model, ema_model, optimizer, scaler) if checkpoint else (0, (-1.0, 0))
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
+    train_model = torch.compile(ddp_model or model) if args.compile else ddp_model or model
     criterion = (nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.task == "single"
                  else nn.BCEWithLogitsLoss())
-    mix = make_mix(args, len(classes))
+    mix = data.make_mix(args.mixup_alpha, args.cutmix_alpha, len(classes))
 
-    start_epoch, step, best_score, best_epoch = 0, 0, -1.0, 0
+    epoch, epochs = step // steps_per_epoch, args.epochs  # a run stopped mid-epoch goes on inside that epoch
     if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint["model"])
-        if ema_model is not None:
-            ema_model.load_state_dict(checkpoint["model_ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        step, best_score, best_epoch = checkpoint["step"], checkpoint["best_score"], checkpoint.get("best_epoch", 0)
-    steps_per_epoch = len(train_loader) // args.accum_steps
-    start_epoch = step // steps_per_epoch  # a run stopped mid-epoch goes on inside that epoch
-    if checkpoint is not None:
-        log(f"resumed at epoch {start_epoch}/{args.epochs} step {step - start_epoch * steps_per_epoch}/"
-            f"{steps_per_epoch}, best val score so far {best_score:.2f}%")
-
-    def save_last(epochs_done, step, metrics=None, is_best=False):
-        if rank == 0:
-            ckpt = make_checkpoint(run, optimizer, scaler, ema_model, epochs_done, step, best_score, metrics)
-            ckpt["best_epoch"] = best_epoch
-            if is_best:  # best.pt before last.pt: last.pt never records a best that best.pt lacks
-                utils.save_checkpoint(ckpt, output_dir / "best.pt")
-            if metrics is not None and args.save_period and epochs_done % args.save_period == 0:
-                utils.save_checkpoint(ckpt, output_dir / f"epoch{epochs_done}.pt")
-            utils.save_checkpoint(ckpt, output_dir / "last.pt")
-
-    run = {"args": args, "device": device, "log": log, "rank": rank, "world_size": world_size, "raw_model": raw_model,
-           "classes": classes, "preprocess": preprocess, "total_steps": args.epochs * steps_per_epoch,
-           "warmup_steps": round(args.lr_warmup_epochs * steps_per_epoch), "steps_per_epoch": steps_per_epoch,
-           "normalize": normalize, "frozen": frozen, "stop": stop, "save_last": save_last, "ddp_model": ddp_model}
+        log(f"resumed at epoch {epoch}/{epochs} step {step - epoch * steps_per_epoch}/{steps_per_epoch}, "
+            f"best val score so far {best[0]:.2f}%")
     if rank == 0:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
         if checkpoint is None:  # what the model sees, for a look before the run goes far
             save_first_batch(train_loader, mix, classes, args, device, output_dir / "train_batch.jpg")
-        trim_results(output_dir / "results.csv", start_epoch, RESULTS_COLUMNS[args.task])
+        trim_results(output_dir / "results.csv", epoch, RESULTS_COLUMNS[args.task])
 
-    # the loop (`while`, not `for`: --time and --patience change args.epochs on the way)
-    epoch = start_epoch
-    while epoch < args.epochs:
-        epoch_start_step = step
-        step, stats = train_one_epoch(model, ema_model, train_loader, optimizer, scaler, criterion, mix, epoch, step,
-                                      run)
+    def save(epochs_done, step, metrics=None, is_best=False):
+        if rank == 0:  # the number of epochs that --time or --patience decided goes with the arguments
+            run_args = argparse.Namespace(**{**vars(args), "epochs": epochs})
+            save_checkpoints(make_checkpoint(model, ema_model, optimizer, scaler, run_args, classes, preprocess,
+                                             epochs_done, step, best, metrics), output_dir, is_best, args.save_period)
+
+    flags = StopFlags(stop, device, steps_per_epoch, f"Try a lower --lr (now {args.lr:g}), --clip-grad-norm 1, "
+                                                     f"or --amp off (now {args.amp})")
+    ema_update = partial(update_ema, ema_model, model, args.model_ema_decay) if ema_model is not None else None
+    while epoch < epochs:  # `while`: --time and --patience decide the number of epochs on the way
+        model.train()
+        keep_frozen_in_eval(frozen)  # after train(), which would wake them
+        lr_of_step = partial(lr_at, total_steps=epochs * steps_per_epoch, base_lr=args.lr, min_lr=args.lr_min,
+                             warmup_steps=round(args.lr_warmup_epochs * steps_per_epoch))
+        first_step = step
+        step, stats = train_one_epoch(
+            train_model, criterion, optimizer, scaler, train_loader, epoch, step, args, device, epochs=epochs,
+            normalize=normalize, mix=mix, lr_of_step=lr_of_step, ema_update=ema_update,
+            no_sync=ddp_model.no_sync if ddp_model else nullcontext, flags=flags, save=save, log=log)
         if stats is None:
             exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}",
                             output_dir, log)
-        # the unwrapped model (a DDP model would sync its buffers in its first forward, a collective that a process
-        # without validation images never makes), with rank 0's BatchNorm statistics: the model that is saved
-        eval_start, eval_model = time.perf_counter(), ema_model if ema_model is not None else raw_model
-        utils.broadcast_buffers(eval_model)
-        metrics = EVALUATE[args.task](eval_model, val_loader, device, len(classes), preprocess, args.amp,
-                                      args.channels_last, tta=args.tta)
-        eval_seconds = time.perf_counter() - eval_start
-        # best.pt: by val top-1, or micro F1 for multilabel; strictly better, so a tie never replaces the best
-        is_best = metrics["score"] > best_score
-        best_score, best_epoch = (metrics["score"], epoch + 1) if is_best else (best_score, best_epoch)
-        log(f"epoch {epoch + 1}/{args.epochs}  train loss {stats['train_loss']:.4f} top-1 {stats['train_top1']:.2f}%  "
-            f"val loss {metrics['loss']:.4f} {metrics['summary']}  "
-            f"{stats['seconds']:.1f}s  {stats['images_per_s']:.0f} img/s" + ("  * best" if is_best else ""))
-        if rank == 0:  # the row first: a resume from the previous last.pt trims it away again
-            append_results(output_dir / "results.csv", {
-                "epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
-                "train_top1": stats["train_top1"],
-                "val_loss": metrics["loss"], **metrics["columns"], "seconds": stats["seconds"],
-                "images_per_s": stats["images_per_s"]}, RESULTS_COLUMNS[args.task])
+        eval_start = time.perf_counter()
+        metrics = evaluate_model(ema_model or model, val_loader, args, device, classes, preprocess)
+        is_best = metrics["score"] > best[0]  # strictly: a tie never replaces the best
+        best = (metrics["score"], epoch + 1) if is_best else best
+        log_epoch(epoch, epochs, stats, metrics, is_best, output_dir if rank == 0 else None, args.task, log)
         if args.time and epoch == 0:
-            # the new args.epochs is saved in the checkpoint: a resumed run ends where this one would
-            args.epochs = epochs_for_time(args.time, stats["seconds"], step - epoch_start_step, steps_per_epoch,
-                                          eval_seconds, device, log)
-            run["total_steps"] = args.epochs * steps_per_epoch
-        if args.patience and epoch + 1 - best_epoch >= args.patience and epoch + 1 < args.epochs:
-            log(f"stopping early: val top-1 has not improved for {args.patience} epochs (best at epoch {best_epoch}, "
+            epochs = epochs_for_time(args.time, stats["seconds"], step - first_step, steps_per_epoch,
+                                     time.perf_counter() - eval_start, device, log)
+        if args.patience and epoch + 1 - best[1] >= args.patience and epoch + 1 < epochs:
+            log(f"stopping early: val top-1 has not improved for {args.patience} epochs (best at epoch {best[1]}, "
                 "--patience)")
-            args.epochs = epoch + 1
-        save_last(epoch + 1, step, metrics, is_best)
-        if epoch + 1 < args.epochs and check_flags(run, 0, torch.zeros((), device=device), force=True):
+            epochs = epoch + 1
+        save(epoch + 1, step, metrics, is_best)
+        if epoch + 1 < epochs and flags.check(step, torch.zeros((), device=device), force=True):
             exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)
         epoch += 1
     if rank == 0:
-        with open(output_dir / "results.csv", newline="") as f:
-            utils.plot_results(list(csv.DictReader(f)), output_dir / "results.png",
-                               "val_top1" if args.task == "single" else "val_f1")
-        if args.task == "single":
-            utils.plot_confusion(utils.load_checkpoint(output_dir / "best.pt")["metrics"]["confusion"], classes,
-                                 output_dir / "confusion_matrix.png")
-    log(f"done: best val {'top-1' if args.task == 'single' else 'F1'} {best_score:.2f}% (epoch {best_epoch}); "
-        "checkpoints, results.csv, results.png, "
-        f"confusion_matrix.png and train.log in {output_dir}")
+        plot_run(output_dir, args.task, classes)
+    log(f"done: best val {'top-1' if args.task == 'single' else 'F1'} {best[0]:.2f}% (epoch {best[1]}); checkpoints, "
+        f"results.csv, results.png, confusion_matrix.png and train.log in {output_dir}")
     utils.cleanup_distributed()
 
 

@@ -54,6 +54,14 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum(tensor):
     """Sums a tensor over processes in place (a no-op on one process). This is a sync point."""
     if dist.is_initialized():

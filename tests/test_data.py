@@ -129,32 +129,58 @@ def test_image_size_is_inferred_from_short_sides(tmp_path, side, expected):
 
 # -- transforms and sampling ----------------------------------------------------
 
-def test_transforms_give_uint8_crops(image_folder):
-    image = data.load_image(next((image_folder / "train" / "circle").iterdir()))
-    for crop in ("resized", "padded"):
-        out = data.train_transform(32, crop, auto_augment="ta_wide", random_erase=1.0)(image)
-        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+CPU = torch.device("cpu")
+
+
+def settled_args(folder, out, *flags):
+    """train.py's arguments for `folder`, with the data-dependent defaults settled as a run settles them."""
+    import train
+    args = train.parse_args(["--data", str(folder), "--output-dir", str(out), "--workers", "0", *flags])
+    return train.load_data(args, out, 0, 1, lambda *_: None)
+
+
+def augment(crop, auto_augment=None, random_erase=0.0, seed=5):
+    return partial(data.augment_batch, seed=seed, crop=crop, size=32, padding=4, min_scale=0.25,
+                   auto_augment=auto_augment, random_erase=random_erase)
+
+
+def test_augmentation_gives_uint8_crops_and_eval_the_center(image_folder):
+    _, train, _ = data.load_samples(image_folder, log=lambda *_: None)
+    for crop, layout in (("padded", (32, 32)), ("resized", (48, None))):
+        images, aspects, rows, _ = data.DecodedImages(train, *layout).__getitems__([0, 1, 2])
+        out = augment(crop, "ta_wide", 1.0)(images, aspects, rows.numpy(), 0)
+        assert out.dtype == torch.uint8 and out.shape == (3, 3, 32, 32)
+    image = data.load_image(train[0][0])
     preprocess = data.eval_preprocess(32)
     out = data.eval_transform(preprocess)(image)
     assert out.shape == (3, 32, 32) and preprocess["resize_size"] == 32
     assert data.eval_preprocess(224)["resize_size"] == 256
-    x = data.make_normalize(preprocess, torch.device("cpu"))(out[None])
+    x = data.make_normalize(preprocess, CPU)(out[None])
     assert x.dtype == torch.float32 and abs(x.mean().item()) < 3
 
 
-def test_augmentation_is_a_function_of_seed_epoch_and_index(image_folder):
+@pytest.mark.parametrize("crop", ["padded", "resized"])
+def test_augmentation_is_a_function_of_seed_epoch_and_index(image_folder, crop):
     _, train, _ = data.load_samples(image_folder, log=lambda *_: None)
-    dataset = data.ImageDataset(train, data.train_transform(32, "resized"), seed=5)
+    images = data.DecodedImages(train, 32, 32 if crop == "padded" else None)
+    transform = augment(crop, "ta_wide", 0.5)
+
+    def augmented(rows, epoch):
+        batch, aspects, rows, _ = images.__getitems__(rows)
+        return dict(zip(rows.tolist(), transform(batch, aspects, rows.numpy(), epoch)))
     torch.manual_seed(0)
     before = torch.rand(1)
-    a, b = dataset[(3, 1)][0], dataset[(3, 1)][0]
-    assert torch.equal(a, b)
-    assert not torch.equal(a, dataset[(3, 2)][0])  # another epoch, another crop
+    a, b = augmented([3, 1, 7], 1), augmented([9, 3], 1)
+    assert torch.equal(a[3], b[3])  # the same image whatever batch it is in
+    assert not torch.equal(a[3], augmented([3], 2)[3])  # another epoch, another crop
     torch.manual_seed(0)
     assert torch.equal(before, torch.rand(1))  # the caller's random stream is left alone
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2,
-                                         sampler=[(i, 1) for i in range(8)])
-    assert torch.equal(next(iter(loader))[0][3], a)  # the same inside a worker process
+    sampler = data.make_epoch_sampler(len(train), 4, seed=0)
+    loader = data.Batches(images, np.arange(len(train)), [t for _, t in train], sampler, 4, CPU, transform, workers=2)
+    sampler.set_epoch(1)
+    first, _ = next(iter(loader))  # read in a worker process
+    positions = list(sampler)[:4]
+    assert torch.equal(first, torch.stack(list(augmented(positions, 1).values())))
 
 
 def test_two_processes_see_the_global_batch_of_one(image_folder):
@@ -163,20 +189,49 @@ def test_two_processes_see_the_global_batch_of_one(image_folder):
     ranks = [data.EpochSampler(dataset, num_replicas=2, rank=r, seed=1) for r in range(2)]
     for sampler in [one, *ranks]:
         sampler.set_epoch(4)
-    single = [i for i, _ in one]
-    shards = [[i for i, epoch in s] for s in ranks]
+    single, shards = list(one), [list(s) for s in ranks]
     for step in range(6):  # batch 8 on one process = batch 4 on each of two
         both = shards[0][4 * step:4 * step + 4] + shards[1][4 * step:4 * step + 4]
         assert sorted(single[8 * step:8 * step + 8]) == sorted(both)
-    assert all(epoch == 4 for _, epoch in one)
+    one.set_epoch(4, skip=5)
+    assert list(one) == single[5:]  # a resume inside the epoch skips what was seen
 
 
 def test_eval_shards_count_every_image_once(image_folder):
-    dataset = [(torch.zeros(1), i, "") for i in range(7)]  # (image, target, why it did not decode)
-    device = torch.device("cpu")
-    seen = [i for rank in range(2) for _, targets in data.make_eval_loader(dataset, 2, 0, device, rank, 2)
+    _, _, val = data.load_samples(image_folder, log=lambda *_: None)
+    samples = [(path, i) for i, (path, _) in enumerate(val[:7])]
+    preprocess = data.eval_preprocess(32)
+    seen = [i for rank in range(2) for _, targets in data.eval_batches(samples, preprocess, 2, CPU, 0, rank, 2)
             for i in targets.tolist()]
     assert sorted(seen) == list(range(7))
+
+
+def test_resized_crops_reach_the_long_sides_on_both_sources(tmp_path):
+    """Wide photos with a red strip at the left edge and a blue one at the right: some of the crops show each,
+    whichever source reads them, and both sources give the same crops."""
+    picture = np.zeros((48, 96, 3), np.uint8)
+    picture[:, :, 1] = 160
+    picture[:, :6], picture[:, -6:] = (255, 0, 0), (0, 0, 255)
+    for split, count in (("train", 24), ("val", 2)):
+        for name in ("a", "b"):
+            (tmp_path / "wide" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(picture).save(tmp_path / "wide" / split / name / f"{i}.png")
+    batches = {}
+    for cache in ("--cache", "--no-cache"):
+        args, _, train, val = settled_args(tmp_path / "wide", tmp_path / "run", "--img-size", "32", cache,
+                                           "--train-crop", "resized", "-b", "16")
+        loader, _ = data.make_loaders(args, train, val, data.eval_preprocess(32), 0, 0, 1, CPU, tmp_path / "run",
+                                      lambda *_: None)
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            batches[cache, epoch] = torch.cat([images for images, _ in loader]).int()
+    for epoch in range(2):
+        assert torch.equal(batches["--cache", epoch], batches["--no-cache", epoch])
+    crops = torch.cat([batches["--cache", 0], batches["--cache", 1]])
+    red = ((crops[:, 0] > 200) & (crops[:, 1] < 60) & (crops[:, 2] < 60)).flatten(1).any(1)
+    blue = ((crops[:, 2] > 200) & (crops[:, 0] < 60) & (crops[:, 1] < 60)).flatten(1).any(1)
+    assert red.sum() >= 2 and blue.sum() >= 2, (red.sum(), blue.sum())
 
 
 def test_shapes_dataset_is_written_once(tmp_path):
@@ -195,18 +250,18 @@ def test_shapes_dataset_is_written_once(tmp_path):
 def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path):
     root = write_image_folder(tmp_path / "ds", n_train=4, splits=("train",))
     samples = data.list_images(root / "train", data.find_classes(root / "train"))
-    array, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
+    array, aspects, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
     assert array.shape == (len(samples), 32, 32, 3) and array.dtype == np.uint8
     assert list(rows) == list(range(len(samples)))
-    expected = data.SquareImages(samples, 32, 32)[3][0].numpy()
-    assert np.array_equal(array[3], expected)  # the same pixels as decoding the file now
+    image, aspect, _ = data.DecodedImages(samples, 32, 32)[3]
+    assert np.array_equal(array[3], image.numpy()) and aspects[3] == np.float32(aspect)  # as decoding it now
     files = sorted((tmp_path / "cache").glob("*.npy"))
     mtime = files[0].stat().st_mtime_ns
     data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
     assert sorted((tmp_path / "cache").glob("*.npy")) == files and files[0].stat().st_mtime_ns == mtime  # reused
     assert samples[0][0].endswith(".png")
     Image.new("RGB", (40, 40), (255, 0, 0)).save(samples[0][0])  # the file changes: a new cache
-    array, _ = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
+    array, _, _ = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and (array[0] == [255, 0, 0]).all()
 
 
@@ -216,7 +271,7 @@ def test_cache_leaves_out_files_that_do_not_decode(tmp_path):
     write_messy_files(root / "train" / "circle")
     messages = []
     samples = data.scan_images(data.list_images(root / "train", data.find_classes(root / "train")), log=messages.append)
-    array, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=messages.append)
+    array, _, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=messages.append)
     left_out = {samples[i][0].rsplit("/", 1)[-1] for i in set(range(len(samples))) - set(rows)}
     assert left_out == {"truncated.jpg", "truncated.png"} and "skipping 2 image file(s)" in messages[-1]
     with pytest.raises(SystemExit, match="truncated.jpg"):
@@ -240,7 +295,7 @@ def test_interrupted_cache_build_goes_on_where_it_stopped(tmp_path):
     (folder / "zzz.png").write_bytes((folder / "zzz.png").read_bytes()[:40])  # decodes in no chunk: listed bad
     samples = data.list_images(tmp_path / "photos", ["a"])
     build = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import data\n"
-             f"data.build_cache(data.list_images({str(tmp_path / 'photos')!r}, ['a']), 64, 64, "
+             f"data.build_cache(data.list_images({str(tmp_path / 'photos')!r}, ['a']), 64, None, "
              f"{str(tmp_path / 'cache')!r}, chunk=8)")
     process = subprocess.Popen([sys.executable, "-c", build])
     deadline = time.time() + 60
@@ -250,20 +305,21 @@ def test_interrupted_cache_build_goes_on_where_it_stopped(tmp_path):
     process.wait()
     assert not list((tmp_path / "cache").glob("*.npy")), "the build finished before it could be killed"
     messages = []
-    array, rows = data.build_cache(samples, 64, 64, tmp_path / "cache", log=messages.append, chunk=8)
+    array, aspects, rows = data.build_cache(samples, 64, None, tmp_path / "cache", log=messages.append, chunk=8)
     (resumed,) = [m for m in messages if "goes on at image" in m]
     assert 0 < int(resumed.split("image ")[1].split("/")[0]) < len(samples)
     assert any("decoding into the cache: 161/161 images" in m for m in messages)
     assert list(rows) == list(range(160)) and "zzz.png" in messages[-1]  # the bad file listed, left out
-    fresh = data.SquareImages(samples, 64, 64)
+    fresh = data.DecodedImages(samples, 64)  # the whole photo, squashed: what resized crops are drawn from
     assert all(np.array_equal(array[i], fresh[i][0].numpy()) for i in range(160))
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".npy"]
+    assert np.allclose(aspects[:160], 4 / 3)
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".aspects", ".json", ".lock", ".npy"]
 
 
 def test_batch_translation_matches_reflect_padding_and_cropping():
     images = torch.randint(0, 256, (16, 12, 10, 3), dtype=torch.uint8)
     uniforms, flips = data.hash_uniforms(0, 0, np.arange(16), 4), torch.arange(16) % 3 == 0
-    out = data.translate_flip(images, uniforms, flips, pad=3)
+    out = data.padded_crop_flip(images, uniforms, flips, pad=3)
     assert out.shape == (16, 3, 12, 10) and out.is_contiguous(memory_format=torch.channels_last)
     padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (3, 3, 3, 3), mode="reflect")
     for i, (u, flip) in enumerate(zip(uniforms, flips)):
@@ -275,12 +331,12 @@ def test_batch_translation_matches_reflect_padding_and_cropping():
 
 def test_batch_resized_crop_keeps_the_whole_image_at_full_scale():
     images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
-    full = torch.tensor([[1.0, 0.5, 0.5, 0.5], [1.0, 0.5, 0.5, 0.5]])  # area 1, aspect 1, centred
-    out = data.resized_crop_flip(images, full, torch.tensor([False, True]), 8, 0.25)
-    assert torch.allclose(out[0], images[0].permute(2, 0, 1).float(), atol=1e-3)
-    assert torch.allclose(out[1], images[1].permute(2, 0, 1).float().flip(2), atol=1e-3)
-    zoomed = data.resized_crop_flip(images, torch.rand(2, 4), torch.rand(2) < 0.5, 16, 0.25)
-    assert zoomed.shape == (2, 3, 16, 16) and zoomed.min() >= 0 and zoomed.max() <= 255
+    square, full = torch.ones(2), torch.tensor([[1.0, 0.5, 0.5, 0.5], [1.0, 0.5, 0.5, 0.5]])  # area 1, aspect 1
+    out = data.resized_crop_flip(images, square, full, torch.tensor([False, True]), 8, 0.25)
+    assert torch.equal(out[0], images[0].permute(2, 0, 1))
+    assert torch.equal(out[1], images[1].permute(2, 0, 1).flip(2))
+    zoomed = data.resized_crop_flip(images, torch.tensor([0.5, 2.0]), torch.rand(2, 4), torch.rand(2) < 0.5, 16, 0.25)
+    assert zoomed.shape == (2, 3, 16, 16) and zoomed.dtype == torch.uint8
 
 
 def test_batch_augmentation_depends_on_the_sample_not_the_batch():
@@ -294,20 +350,18 @@ def test_batch_augmentation_depends_on_the_sample_not_the_batch():
     assert 400 < flips[0].sum() < 600
 
 
-def test_cached_loaders_shard_and_batch_like_the_pil_ones(tmp_path):
+def test_cached_loaders_shard_and_batch(tmp_path):
     root = write_image_folder(tmp_path / "ds", n_train=5, splits=("train",))
     samples = data.list_images(root / "train", data.find_classes(root / "train"))
-    array, rows = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
-    targets = [t for _, t in samples]
+    images = data.CachedImages(*data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)[:2])
+    rows, targets = np.arange(len(samples)), [t for _, t in samples]
     seen = []
     for rank in (0, 1):
-        shard = data.CachedLoader(array, rows, targets, range(rank, len(rows), 2), 4, torch.device("cpu"))
-        for images, labels in shard:
-            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+        for batch, labels in data.Batches(images, rows, targets, range(rank, len(rows), 2), 4, CPU):
+            assert batch.dtype == torch.uint8 and batch.shape[1:] == (3, 32, 32)
             seen += labels.tolist()
     assert sorted(seen) == sorted(targets)  # every image once, none padded in
     sampler = data.make_epoch_sampler(len(rows), 4, seed=0)
-    train = data.CachedLoader(array, rows, targets, sampler, 4, torch.device("cpu"),
-                              partial(data.translate_flip, pad=4), drop_last=True)
+    train = data.Batches(images, rows, targets, sampler, 4, CPU, augment("padded"), drop_last=True)
     sampler.set_epoch(1)
     assert len(train) == 15 // 4 == len(list(train))

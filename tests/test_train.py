@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import train
 import utils
 from conftest import ROOT, run_script, write_image_folder
@@ -100,8 +101,8 @@ def test_predict_matches_evaluate_preprocessing(trained_run, image_folder):
     model = model_from_checkpoint(checkpoint)
     paths = predict.expand_inputs([str(image_folder / "val")])
     predicted = [top[0][0] for _, top in predict.predict(model, paths, checkpoint["preprocess"], torch.device("cpu"))]
-    dataset = data.ImageDataset([(p, 0) for p in paths], data.eval_transform(checkpoint["preprocess"]))
-    images = torch.stack([dataset[i][0] for i in range(len(paths))])
+    batches = data.eval_batches([(p, 0) for p in paths], checkpoint["preprocess"], len(paths), torch.device("cpu"))
+    ((images, _),) = list(batches)  # what evaluate.py reads
     with torch.no_grad():
         logits = model(data.make_normalize(checkpoint["preprocess"], torch.device("cpu"))(images))
     assert predicted == logits.argmax(1).tolist()
@@ -118,7 +119,7 @@ def test_many_options_together(image_folder, tmp_path):
                 "--clip-grad-norm", "1.0", "--accum-steps", "2", "--opt", "adamw", "--train-crop", "resized",
                 "--no-channels-last", "--label-smoothing", "0.2", "--classes", "triangle,circle,square"])
     checkpoint = torch.load(out / "last.pt", weights_only=True)
-    assert checkpoint["args"]["cache"] and checkpoint["classes"] == ["triangle", "circle", "square"]
+    assert "--cache on" in (out / "train.log").read_text() and checkpoint["classes"] == ["triangle", "circle", "square"]
     assert checkpoint["model_ema"] is not None and checkpoint["step"] == 2 * 3  # 6 batches / 2 accumulation steps
     assert checkpoint["scaler"]["scale"] > 0
     assert not torch.equal(checkpoint["model_ema"]["fc.weight"], checkpoint["model"]["fc.weight"])
@@ -178,17 +179,51 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) == len(list(net.parameters())) - 1
 
 
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """Non-square JPEG photos of mixed sizes (60-99 x 40-59 px), two classes."""
+    root, rng = tmp_path_factory.mktemp("photos"), np.random.default_rng(3)
+    for split, count in (("train", 20), ("val", 5)):
+        for name in ("circle", "cross"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                size = (int(rng.integers(60, 100)), int(rng.integers(40, 60)))
+                data.draw_shape(name, rng).resize(size).save(root / split / name / f"{i}.jpg", quality=80)
+    return root
+
+
+@pytest.mark.parametrize("recipe", [["--train-crop", "padded"],
+                                    ["--train-crop", "resized", "--auto-augment", "ta_wide", "--random-erase", "0.5"]])
+def test_cache_changes_speed_not_results(photo_folder, tmp_path, recipe):
+    """--cache and --no-cache train to bitwise-identical weights and metrics: the padded-crop recipe, and the
+    resized-crop one with auto-augment and random erasing, on non-square photos (the per-image run with 2 loader
+    processes)."""
+    runs = {}
+    for cache, workers in (("--cache", "0"), ("--no-cache", "2")):
+        out = tmp_path / cache
+        train.main(["--data", str(photo_folder), "--epochs", "2", "--img-size", "32", *TINY, "--workers", workers,
+                    cache, *recipe, "--output-dir", str(out)])
+        runs[cache] = torch.load(out / "last.pt", weights_only=True), read_results(out)
+        assert f"--cache {'on' if cache == '--cache' else 'off'}" in (out / "train.log").read_text()
+    (cached, cached_rows), (decoded, decoded_rows) = runs["--cache"], runs["--no-cache"]
+    assert all(torch.equal(cached["model"][k], decoded["model"][k]) for k in cached["model"])
+    assert cached["metrics"] == decoded["metrics"]
+    columns = ("train_loss", "train_top1", "val_loss", "val_top1")
+    assert [[r[c] for c in columns] for r in cached_rows] == [[r[c] for c in columns] for r in decoded_rows]
+
+
 # --deterministic: on a GPU, only deterministic kernels give bitwise-equal runs (on the CPU it changes nothing)
-RESUME_ARGS = ["--epochs", 3, *TINY, "--seed", 7, "--model-ema", "--mixup-alpha", "0.4", "--deterministic"]
-# the cached path (the default for small sets) and the per-image path, with the augmentations that only it has
-PATHS = {"cache": ["--cache"], "per-image": ["--no-cache", "--auto-augment", "ta_wide", "--random-erase", "0.25"]}
+RESUME_ARGS = ["--epochs", 3, *TINY, "--seed", 7, "--model-ema", "--mixup-alpha", "0.4", "--deterministic",
+               "--auto-augment", "ta_wide", "--random-erase", "0.25"]
+# the cached path (the default for small sets) and the per-image path give the same weights: one run to compare with
+PATHS = {"cache": ["--cache"], "per-image": ["--no-cache"]}
 
 
-@pytest.fixture(scope="module", params=list(PATHS))
-def uninterrupted(request, image_folder, tmp_path_factory):
+@pytest.fixture(scope="module")
+def uninterrupted(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    run_script("train.py", "--data", image_folder, *RESUME_ARGS, *PATHS[request.param], "--output-dir", out)
-    return request.param, torch.load(out / "last.pt", weights_only=True)
+    run_script("train.py", "--data", image_folder, *RESUME_ARGS, "--cache", "--output-dir", out)
+    return torch.load(out / "last.pt", weights_only=True)
 
 
 def assert_same_weights(a, b):
@@ -197,10 +232,11 @@ def assert_same_weights(a, b):
     assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
 
 
-def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, uninterrupted):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, uninterrupted, path):
     """SIGKILL once a last.pt exists (every 2 steps, so often mid-epoch), resume: bitwise the same as no kill
     (the per-image path with 2 loader processes, the cached one with none)."""
-    path, full = uninterrupted
+    full = uninterrupted
     workers = "2" if path == "per-image" else "0"
     out = tmp_path / "interrupted"
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(image_folder), *map(str, RESUME_ARGS), *PATHS[path],
@@ -221,11 +257,10 @@ def test_killed_run_resumes_to_the_same_weights(image_folder, tmp_path, uninterr
     assert "finished run" in again.stdout
 
 
-@pytest.mark.parametrize("uninterrupted", ["cache"], indirect=True)  # one path: the signal handling is the same
 def test_sigterm_saves_mid_epoch_and_resumes_exactly(image_folder, tmp_path, uninterrupted):
-    path, full = uninterrupted
+    full = uninterrupted  # on the cached path: the signal handling is the same on both
     out = tmp_path / "preempted"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(image_folder), *map(str, RESUME_ARGS), *PATHS[path],
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(image_folder), *map(str, RESUME_ARGS), "--cache",
            "--output-dir", str(out)]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
