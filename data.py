@@ -358,7 +358,7 @@ def whole_image_side(paths, img_size, min_scale):
     smallest window (min_scale of the area) is not enlarged, and no larger than the images' median long side
     (more pixels than the files hold would add none)."""
     long_sides = [max(size) for size in image_sizes(paths)] or [img_size]
-    return int(min(math.ceil(img_size / math.sqrt(min_scale) / 8) * 8, max(img_size, statistics.median(long_sides))))
+    return int(min(math.ceil(img_size / math.sqrt(min_scale) / 8) * 8, statistics.median(long_sides)))
 
 
 def eval_preprocess(img_size, crop_pct=None):
@@ -432,18 +432,17 @@ class DecodedImages(Dataset):
                 [(row, why) for row, (_, _, why) in zip(rows, items) if why])
 
 
-class CachedImages(Dataset):
-    """Stored images gathered from the cache's arrays: a batch is one multi-threaded memory copy."""
+class CachedImages:
+    """Stored images gathered from the cache's arrays, kept on `device`: resident on a GPU (copied there once, a
+    batch gathered there by index), in host memory elsewhere (the mapped file; a batch is one memory copy)."""
 
-    def __init__(self, images, aspects):
-        self.images, self.aspects = torch.from_numpy(images), torch.from_numpy(aspects)
-
-    def __len__(self):
-        return len(self.images)
+    def __init__(self, images, aspects, device):
+        self.images, self.aspects = torch.from_numpy(images).to(device), torch.from_numpy(aspects).to(device)
 
     def __getitems__(self, rows):
         rows = torch.as_tensor(rows, dtype=torch.int64)
-        return torch.index_select(self.images, 0, rows), self.aspects[rows], rows, []
+        where = to_device(rows, self.images.device)
+        return self.images.index_select(0, where), self.aspects[where], rows, []
 
 
 def read_as_is(batch):
@@ -494,17 +493,19 @@ class Batches:
         self.batches = RowBatches(sampler, rows, batch_size, drop_last)
         # every sample's class index (or multi-hot row), on the device once: a batch's are gathered there
         self.targets = torch.stack([torch.as_tensor(t) for t in targets]).to(device) if len(targets) else None
-        self.loader = DataLoader(images, batch_sampler=self.batches, collate_fn=read_as_is, num_workers=workers,
-                                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                 pin_memory=device.type == "cuda")  # pinned memory only speeds up copies to a GPU
-        self.reported = set()
+        self.images, self.reported = images, set()
+        if isinstance(images, DecodedImages):  # decoding wants loader processes; the cache is read in-process
+            self.loader = DataLoader(images, batch_sampler=self.batches, collate_fn=read_as_is, num_workers=workers,
+                                     persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                     pin_memory=device.type == "cuda")  # pinned memory only speeds up copies to a GPU
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
         epoch = getattr(self.sampler, "epoch", 0)
-        for images, aspects, rows, failures in self.loader:
+        reads = self.loader if isinstance(self.images, DecodedImages) else map(self.images.__getitems__, self.batches)
+        for images, aspects, rows, failures in reads:
             for why in {why for _, why in failures} - self.reported:  # a batch is one image shorter, not padded
                 print(f"warning: skipping {why} (it passed the header scan but does not decode)", file=sys.stderr,
                       flush=True)
@@ -517,18 +518,17 @@ class Batches:
             yield images, self.targets[to_device(rows, self.device)]
 
     def sample(self, n):
-        """n images spread evenly over the split, as the first epoch augments them: the same in every process."""
+        """n stored images (uint8 [n, 3, H, W] on the device) spread evenly over the split, not augmented: the same
+        in every process and from either source."""
         rows = self.batches.rows[np.linspace(0, len(self.batches.rows) - 1, min(n, len(self.batches.rows))).astype(int)]
-        images, aspects, rows, _ = self.loader.dataset.__getitems__(rows.tolist())
-        images = to_device(images, self.device)
-        return self.augment(images, to_device(aspects, self.device), rows.numpy(), 0)
+        return to_device(self.images.__getitems__(rows.tolist())[0], self.device).permute(0, 3, 1, 2)
 
 
 def to_device(tensor, device):
     """Moves a host tensor to `device` without waiting. A copy to a GPU from ordinary (pageable) host memory
     first waits for all the GPU's queued work: a sync point, which would stall the loop at every batch. From
     pinned memory it is queued behind that work instead, and the host goes on to the next batch."""
-    if device.type == "cuda" and not tensor.is_pinned():
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
@@ -549,22 +549,21 @@ def eval_batches(samples, preprocess, batch_size, device, workers=0, rank=0, wor
 
 
 def make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank, world_size, device, output_dir, log):
-    """The training and validation Batches of a run: read from the cache or decoded per image (cache_or_decode),
-    augmented as args say (--train-crop, --min-scale, --crop-padding, --auto-augment, --random-erase, --seed)."""
+    """The training and validation Batches of a run: read from the cache or decoded per image, augmented as args
+    say (--train-crop, --min-scale, --crop-padding, --auto-augment, --random-erase, --seed)."""
     if args.train_crop == "padded":
         train_layout = (args.img_size, args.img_size)
     else:
         train_layout = (whole_image_side([path for path, _ in train_samples], args.img_size, args.min_scale), None)
-    val_layout = (preprocess["img_size"], preprocess["resize_size"])
+    splits = [(train_samples, train_layout), (val_samples, (preprocess["img_size"], preprocess["resize_size"]))]
     workers = default_workers(world_size, device) if args.workers is None else args.workers
-    if decide_cache(args.cache, [(len(train_samples), train_layout[0]), (len(val_samples), val_layout[0])], log):
-        (train_images, train_rows), (val_images, val_rows) = cache_splits(
-            args, [(train_samples, train_layout), (val_samples, val_layout)], rank, local_rank, device, output_dir, log)
+    if decide_cache(args.cache, [(len(samples), layout[0]) for samples, layout in splits], log):
+        (train_images, train_rows), (val_images, val_rows) = cache_splits(args, splits, rank, local_rank, device,
+                                                                          output_dir, log)
         workers = 0  # reading is a memory copy: no loader processes to compete with the model for cores
     else:
-        train_images, val_images = DecodedImages(train_samples, *train_layout, args.strict), DecodedImages(
-            val_samples, *val_layout, args.strict)
-        train_rows, val_rows = np.arange(len(train_samples)), np.arange(len(val_samples))
+        (train_images, train_rows), (val_images, val_rows) = [
+            (DecodedImages(samples, *layout, args.strict), np.arange(len(samples))) for samples, layout in splits]
     augment = partial(augment_batch, seed=args.seed, crop=args.train_crop, size=args.img_size,
                       padding=args.img_size // 8 if args.crop_padding is None else args.crop_padding,
                       min_scale=args.min_scale, auto_augment=args.auto_augment, random_erase=args.random_erase)
@@ -600,7 +599,8 @@ def decide_cache(cache, counts_and_sides, log):
 
 def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
     """CachedImages and usable rows of each (samples, layout) split. Local rank 0 decodes; the other processes
-    wait, then map its files. The cache goes to DATA/.cache, or to the run's folder if DATA is read-only."""
+    wait, then map its files. The cache goes to DATA/.cache, or to the run's folder if DATA is read-only; on a GPU
+    the images are copied to it once if they fit."""
     source = Path(args.data) if args.data else Path(args.train_csv).parent
     folder = source / ".cache" if os.access(source, os.W_OK) else Path(output_dir) / "cache"
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -617,9 +617,15 @@ def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
         raise SystemExit(f"error: process {rank}: the process that decodes the images into the cache failed; "
                          "its error is in its output")
     built = built if local_rank == 0 else build()
-    log(f"data: decoded images cached in {folder} ({' + '.join(f'{c[0].nbytes / 2**20:.0f}' for c in built)} MiB, "
-        "reused while the files are unchanged)")
-    return [(CachedImages(images, aspects), rows) for images, aspects, rows in built]
+    size = sum(images.nbytes for images, _, _ in built)
+    log(f"data: decoded images cached in {folder} ({size / 2**30:.2f} GiB, reused while the files are unchanged)")
+    home = torch.device("cpu")
+    if device.type == "cuda":  # resident when they take at most a quarter of the GPU's memory
+        memory = torch.cuda.get_device_properties(device).total_memory
+        home = device if size <= memory / 4 else home
+        log(f"data: the cached images are {'copied to' if home.type == 'cuda' else 'too large for'} the GPU "
+            f"(at most a quarter of its memory, {memory / 4 / 2**30:.1f} GiB)")
+    return [(CachedImages(images, aspects, home), rows) for images, aspects, rows in built]
 
 
 # -----------------------------------------------------------------------------
@@ -714,8 +720,8 @@ def augment_batch(images, aspects, rows, epoch, *, seed, crop, size, padding, mi
     """A training batch of stored images (uint8 [N, H, W, 3] on the device, their aspect ratios, their sample
     indices) -> uint8 [N, 3, size, size]. crop "padded": shifts of up to `padding` px and a flip, the CIFAR recipe
     (small images have no detail to spare for zooming); "resized": RandomResizedCrop and a flip, the ImageNet one."""
-    draws = hash_uniforms(seed, epoch, rows, 4).to(images.device)
-    flips = alternating_flips(seed, epoch, rows).to(images.device)
+    draws = to_device(hash_uniforms(seed, epoch, rows, 4), images.device)
+    flips = to_device(alternating_flips(seed, epoch, rows), images.device)
     if crop == "padded":
         images = padded_crop_flip(images, draws, flips, padding)
     else:

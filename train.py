@@ -416,9 +416,9 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
                 loss = criterion(logits.float(), targets)
             scaler.scale(loss / args.accum_steps).backward()
         # a non-finite loss is counted here, on the device; the scaler skips its step in optimizer_step
-        finite = torch.isfinite(loss.detach())
+        loss, finite = loss.detach(), torch.isfinite(loss.detach())
         bad_run = (bad_run + 1) * ~finite
-        sums += torch.stack([torch.where(finite, loss.detach(), 0.0) * len(labels), count_hits(logits, labels), ~finite])
+        sums += torch.stack([torch.where(finite, loss, 0.0) * len(labels), count_hits(logits, labels), ~finite])
         progress.seen += len(labels)
         if not update:
             continue

@@ -2,13 +2,14 @@
 
     python benchmarks/bench_train.py --data /path/to/cifar10-dev                     # smallnet, 32 px
     python benchmarks/bench_train.py --data /path/to/cifar10-dev --model resnet18 --img-size 128 -b 64 \\
-        --train-images 2000 --runs bare,pil
+        --train-images 2000 --runs bare,per-image
 
-  (1) bare   forward/backward/step on one batch already in memory: the compute alone
-  (2) pil    train.py --no-cache: per-image PIL decoding and augmentation (loader processes as train.py chooses)
-  (3) cache  train.py --cache: decoded once into a memory-mapped file, augmented in batches on the device
-  (4) naive  torchvision ImageFolder + DataLoader + PIL transforms, fp32, as a first script would be written
-  cache-ddp  (3) as two processes under torchrun (for its memory: the cached file is shared, not doubled)
+  (1) bare       forward/backward/step on one batch already in memory: the compute alone
+  (2) per-image  train.py --no-cache: decoded per image (loader processes as train.py chooses), augmented in
+                 batches on the device
+  (3) cache      train.py --cache: decoded once into a memory-mapped file, then the same augmentation
+  (4) naive      torchvision ImageFolder + DataLoader + PIL transforms, fp32, as a first script would be written
+  cache-ddp      (3) as two processes under torchrun (for its memory: the cached file is shared, not doubled)
 
 Each runs in a process of its own; its memory is the peak of the summed PSS of its process tree (shared pages
 counted once), and apart the part of it that is the mapped cache files (*.npy): shared through the page cache,
@@ -37,11 +38,11 @@ def get_args():
     p.add_argument("--train-images", type=int, default=10000,
                    help="training images used, taken evenly from the classes (default: 10000)")
     p.add_argument("-j", "--workers", type=int, default=None,
-                   help="loader workers of (2) pil (default: train.py's choice)")
+                   help="loader workers of (2) per-image (default: train.py's choice)")
     p.add_argument("--epochs", type=int, default=2, help="train.py epochs; the last one is timed (default: 2)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu, for every run (default: the best available)")
-    p.add_argument("--runs", default="bare,pil,cache,naive",
-                   help="which of bare,pil,cache,naive,cache-ddp to run (default: the first four)")
+    p.add_argument("--runs", default="bare,per-image,cache,naive",
+                   help="which of bare,per-image,cache,naive,cache-ddp to run (default: the first four)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one in-process loop and print img/s
     return p.parse_args()
 
@@ -183,8 +184,8 @@ def measure(name, args, data_dir, out_dir):
     run_dir = out_dir / name
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if name == "cache-ddp" else []
     cmd = [sys.executable, *launcher, str(ROOT / "train.py"), "--data", str(data_dir), *common, "--epochs",
-           str(args.epochs), "--no-cache" if name == "pil" else "--cache", "--output-dir", str(run_dir)]
-    if name == "pil" and args.workers is not None:
+           str(args.epochs), "--no-cache" if name == "per-image" else "--cache", "--output-dir", str(run_dir)]
+    if name == "per-image" and args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     output, peak = run_measured(cmd)
     with open(run_dir / "results.csv") as f:
@@ -210,15 +211,19 @@ def main():
         for name in runs:
             results[name] = measure(name, args, data_dir, Path(tmp) / "runs")
             speed, (peak, cached) = results[name]
-            print(f"{name:6s} {speed:8.1f} img/s  peak memory {peak / 2**30:.2f} GiB, of it cache files "
+            print(f"{name:9s} {speed:8.1f} img/s  peak memory {peak / 2**30:.2f} GiB, of it cache files "
                   f"{cached / 2**30:.2f} GiB", flush=True)
-        decoded = args.train_images * (args.img_size * (1 if args.img_size <= 64 else 8 / 7)) ** 2 * 3
+        sys.path.insert(0, str(ROOT))
+        import data  # the stored side: train.py's default crop, padded up to 64 px, resized above
+        paths = [str(p) for p in (data_dir / "train").rglob("*.*")]
+        side = args.img_size if args.img_size <= 64 else data.whole_image_side(paths, args.img_size, 0.25)
+        decoded = args.train_images * side ** 2 * 3
     print(f"\n{args.model}, {args.img_size} px, batch {args.batch_size}, {args.train_images} training images, "
           f"{os.cpu_count()} cores, {args.device}, decoded training set {decoded / 2**30:.3f} GiB")
     print(f"{'run':10s}{'img/s':>10s}{'peak GiB':>10s}{'of it cache files':>19s}")
     for name, (speed, (peak, cached)) in results.items():
         print(f"{name:10s}{speed:10.1f}{peak / 2**30:10.2f}{cached / 2**30:19.2f}")
-    for a, b in (("pil", "bare"), ("cache", "bare"), ("cache", "naive")):
+    for a, b in (("per-image", "bare"), ("cache", "bare"), ("cache", "naive")):
         if a in results and b in results:
             print(f"({a})/({b}) = {results[a][0] / results[b][0]:.2f}")
 

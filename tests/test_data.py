@@ -353,7 +353,7 @@ def test_batch_augmentation_depends_on_the_sample_not_the_batch():
 def test_cached_loaders_shard_and_batch(tmp_path):
     root = write_image_folder(tmp_path / "ds", n_train=5, splits=("train",))
     samples = data.list_images(root / "train", data.find_classes(root / "train"))
-    images = data.CachedImages(*data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)[:2])
+    images = data.CachedImages(*data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)[:2], CPU)
     rows, targets = np.arange(len(samples)), [t for _, t in samples]
     seen = []
     for rank in (0, 1):
