@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from utils import agree_on_failure, seed_from
@@ -52,8 +52,8 @@ def load_image(path):
 
 
 def check_image(path):
-    """Why a file cannot be used, from its size and header alone (fast), or None if it looks fine.
-    Damage deeper in the file (a truncated JPEG) shows only when it is decoded, in the loader."""
+    """Why a file cannot be used, from its size and header alone (fast), or None if it looks fine."""
+    # damage deeper in the file (a truncated JPEG) shows only when it is decoded, in the loader
     if not os.path.isfile(path):
         return "no such file"
     if os.path.getsize(path) == 0:
@@ -119,11 +119,9 @@ def list_images(folder, classes):
 
 
 def stratified_split(samples, fraction, seed):
-    """Deterministic split of samples into (train, val) with `fraction` of every class in val
-    (multilabel samples, whose targets are vectors, are split as one group)."""
+    """Deterministic (train, val) with `fraction` of every class in val (multilabel samples: one group)."""
     rng = np.random.default_rng(seed)
-    def group(target):
-        return target if isinstance(target, int) else -1
+    group = lambda target: target if isinstance(target, int) else -1  # noqa: E731
     train, val = [], []
     for target in sorted({group(t) for _, t in samples}):
         members = [s for s in samples if group(s[1]) == target]
@@ -135,8 +133,8 @@ def stratified_split(samples, fraction, seed):
 
 
 def select_classes(found, wanted=None, ignore=(), where="the data"):
-    """The classes to train on: `wanted` in its order (--classes), else those found, less `ignore`
-    (--ignore-classes). A found class that is neither wanted nor ignored is an error: its images would vanish."""
+    """The classes to train on: `wanted` in its order (--classes), else those found, less `ignore`."""
+    # a found class that is neither wanted nor ignored is an error: its images would silently vanish
     kept = [c for c in found if c not in ignore]
     if not wanted:
         return kept
@@ -161,8 +159,7 @@ def parse_class_list(text):
 
 
 def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, wanted=None, ignore=()):
-    """Reads DATA/train and DATA/val (or DATA/test, or a split of train). Returns classes, train and val samples.
-    Unusable files are skipped with a warning (an error with strict). wanted/ignore: select_classes."""
+    """(classes, train samples, val samples) of DATA/train and DATA/val (or DATA/test, or a split of train)."""
     data_root = Path(data_root)
     train_dir = data_root / "train"
     if not data_root.is_dir():
@@ -216,8 +213,7 @@ def check_val_classes(val_dir, classes, log=print, ignore=()):
 
 
 def read_csv_samples(csv_path, image_column="image", label_column="label", delimiter=None):
-    """[(path, [label, ...])] from a CSV file with a header. Paths are absolute, or relative to the CSV's folder,
-    which a relative path may not leave (no `..`, no symlink out): such a row is an error naming it."""
+    """[(path, [label, ...])] of a CSV file with a header; relative paths may not leave the CSV's folder."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise SystemExit(f"error: CSV file {csv_path} does not exist")
@@ -244,8 +240,7 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
 
 
 def name_labels(rows, names=None):
-    """Integer labels are class ids: positions in `names` (--classes) when given, else their own names ('0', '1',
-    ...). Returns the rows with every label a class name, so that everything after indexes by name alone."""
+    """The rows with every label a class name: integer ids name `names` (--classes) when given, else themselves."""
     found = {label for _, labels in rows for label in labels}
     if not names or not found or not all(label.isdigit() for label in found):
         return rows
@@ -255,26 +250,21 @@ def name_labels(rows, names=None):
     return [(path, [names[int(label)] for label in labels]) for path, labels in rows]
 
 
-def drop_ignored(rows, ignore, multilabel=False):
-    """Leaves out the rows with an ignored class (--ignore-classes), or with multilabel only that label."""
-    if multilabel:
-        return [(path, [label for label in labels if label not in ignore]) for path, labels in rows]
-    return [(path, labels) for path, labels in rows if not set(labels) & set(ignore)]
-
-
 def read_labelled_csv(csv_path, columns, names=None, ignore=(), multilabel=False, log=print):
-    """[(path, [class name, ...])] of a CSV file: ids named (name_labels), ignored classes dropped.
-    columns: (image column, label column, separator of several labels or None)."""
+    """[(path, [class name, ...])] of a CSV file; columns: (image column, label column, label separator or None).
+    An ignored class leaves out the rows that have it, or with multilabel only that label."""
     rows = name_labels(read_csv_samples(csv_path, *columns), names)
-    kept = drop_ignored(rows, ignore, multilabel)
+    if multilabel:
+        kept = [(path, [label for label in labels if label not in ignore]) for path, labels in rows]
+    else:
+        kept = [(path, labels) for path, labels in rows if not set(labels) & set(ignore)]
     if len(kept) < len(rows):
         log(f"data: left out {len(rows) - len(kept)} row(s) of {csv_path} with an ignored class (--ignore-classes)")
     return kept
 
 
 def index_labels(rows, classes, where, multilabel=False):
-    """[(path, target)] of rows whose labels are class names of `classes`. The target is the class index, or with
-    multilabel a multi-hot float vector."""
+    """[(path, target)]: the class index, or with multilabel a multi-hot float vector."""
     index = {name: i for i, name in enumerate(classes)}
     samples = []
     for path, labels in rows:
@@ -292,9 +282,7 @@ def index_labels(rows, classes, where, multilabel=False):
 
 def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), val_fraction=0.1, seed=0,
                      log=print, strict=False, wanted=None, ignore=(), multilabel=False):
-    """Classes, train and val samples from CSV files: like load_samples, with the labels in a column.
-    Labels are class names or integer ids (0..K-1, in --classes order when given). An ignored class drops
-    the rows that have it, or with multilabel only that label."""
+    """(classes, train samples, val samples) of CSV files: like load_samples, with the labels in a column."""
     train_rows = read_labelled_csv(train_csv, columns, wanted, ignore, multilabel, log)
     found = sorted({label for _, labels in train_rows for label in labels})
     if found and all(label.isdigit() for label in found):  # ids that name themselves: every id up to the largest
@@ -314,8 +302,7 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
 
 
 def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=False, ignore=()):
-    """Samples of one split, indexed by a trained model's `classes` (in their order, sorted or not). train and val
-    follow the same rules as training (val/, else test/, else the same held-out part of train/)."""
+    """Samples of one split, indexed by a trained model's `classes`, found by the rules of training."""
     if split == "test":
         test_dir = Path(data_root) / "test"
         if not test_dir.is_dir():
@@ -354,16 +341,16 @@ def infer_img_size(paths):
 
 
 def whole_image_side(paths, img_size, min_scale):
-    """The side of the square that a resized crop is drawn from (the whole image, squashed): large enough that the
-    smallest window (min_scale of the area) is not enlarged, and no larger than the images' median long side
-    (more pixels than the files hold would add none)."""
+    """The side of the square (the whole image, squashed) that resized crops are drawn from."""
+    # large enough that the smallest window (min_scale of the area) is not enlarged; at most the images' median
+    # long side: more pixels than the files hold would add none
     long_sides = [max(size) for size in image_sizes(paths)] or [img_size]
     return int(min(math.ceil(img_size / math.sqrt(min_scale) / 8) * 8, statistics.median(long_sides)))
 
 
 def eval_preprocess(img_size, crop_pct=None):
-    """Eval preprocessing as plain data, stored in every checkpoint. crop_pct is the crop's share of the resized
-    short side: 0.875 is the ImageNet convention; small images (<= 64 px) are not zoomed, they lose too much."""
+    """Eval preprocessing as plain data, stored in every checkpoint. crop_pct: the crop's share of the short side."""
+    # 0.875 is the ImageNet convention; small images (<= 64 px) are not zoomed: they would lose too much
     if crop_pct is None:
         crop_pct = 1.0 if img_size <= 64 else 0.875
     return {"img_size": img_size, "resize_size": int(round(img_size / crop_pct)),
@@ -422,8 +409,7 @@ class DecodedImages(Dataset):
             return torch.zeros(self.side, self.side, 3, dtype=torch.uint8), 1.0, str(e)
 
     def __getitems__(self, rows):
-        """A batch (what a DataLoader asks for): images [n, side, side, 3], aspects [n] and rows [n] of the files
-        that decoded, and (row, why) of those that did not."""
+        """A batch: images, aspects and rows of the files that decoded, and (row, why) of those that did not."""
         items = [self[row] for row in rows]
         kept = [i for i, (_, _, why) in enumerate(items) if not why]
         images = [items[i][0] for i in kept] or [torch.zeros(0, self.side, self.side, 3, dtype=torch.uint8)]
@@ -433,8 +419,8 @@ class DecodedImages(Dataset):
 
 
 class CachedImages:
-    """Stored images gathered from the cache's arrays, kept on `device`: resident on a GPU (copied there once, a
-    batch gathered there by index), in host memory elsewhere (the mapped file; a batch is one memory copy)."""
+    """Stored images gathered from the cache's arrays on `device`: resident on a GPU (copied there once), the
+    mapped file elsewhere (a batch is one memory copy)."""
 
     def __init__(self, images, aspects, device):
         self.images, self.aspects = torch.from_numpy(images).to(device), torch.from_numpy(aspects).to(device)
@@ -450,50 +436,30 @@ def read_as_is(batch):
 
 
 class EpochSampler(DistributedSampler):
-    """Positions in an order that is a function of (seed, epoch) only; process r of w takes every w-th, so w
-    processes with batch b see in each step the same images as 1 process with batch w*b."""
+    """The sample indices `rows` in an order that is a function of (seed, epoch) only. Process r of w takes every
+    w-th, so w processes with batch b see in each step the same images as 1 process with batch w*b."""
 
     skip = 0
 
-    def set_epoch(self, epoch, skip=0):
-        """skip: how many of this process's samples of the epoch to leave out (a mid-epoch resume)."""
+    def set_epoch(self, epoch, skip=0):  # skip: this process's samples of the epoch already seen (a resume)
         super().set_epoch(epoch)
         self.skip = skip
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-
-class RowBatches:
-    """A loader's batch sampler: lists of rows (sample indices), taken in the order of a sampler of positions."""
-
-    def __init__(self, sampler, rows, batch_size, drop_last):
-        self.sampler, self.rows, self.batch_size, self.drop_last = sampler, np.asarray(rows), batch_size, drop_last
-
-    def __len__(self):
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        positions = list(self.sampler)
-        for start in range(0, len(positions), self.batch_size):
-            batch = positions[start:start + self.batch_size]
-            if len(batch) == self.batch_size or not self.drop_last:
-                yield self.rows[batch].tolist()
+        return iter(np.asarray(self.dataset)[list(super().__iter__())[self.skip:]].tolist())
 
 
 class Batches:
     """One split's batches on the training device, like a DataLoader: (images uint8 [N, 3, H, W], targets).
-    A DataLoader reads each batch from `images` (DecodedImages, in its worker processes, or CachedImages); it is
-    then moved to the device and, in training, augmented there. The sampler draws positions among `rows`, the
-    usable sample indices: a sample's image, target and random draws are all looked up by its index."""
+    `sampler` gives sample indices: a sample's image, target and random draws are all looked up by its index.
+    A batch is read from `images` (DecodedImages in loader processes, or CachedImages), moved to the device and,
+    in training, augmented there."""
 
-    def __init__(self, images, rows, targets, sampler, batch_size, device, augment=None, workers=0, drop_last=False):
-        self.sampler, self.device, self.augment = sampler, device, augment
-        self.batches = RowBatches(sampler, rows, batch_size, drop_last)
+    def __init__(self, images, targets, sampler, batch_size, device, augment=None, workers=0, drop_last=False):
+        self.images, self.sampler, self.device, self.augment, self.reported = images, sampler, device, augment, set()
+        self.batches = BatchSampler(sampler, batch_size, drop_last)
         # every sample's class index (or multi-hot row), on the device once: a batch's are gathered there
         self.targets = torch.stack([torch.as_tensor(t) for t in targets]).to(device) if len(targets) else None
-        self.images, self.reported = images, set()
         if isinstance(images, DecodedImages):  # decoding wants loader processes; the cache is read in-process
             self.loader = DataLoader(images, batch_sampler=self.batches, collate_fn=read_as_is, num_workers=workers,
                                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
@@ -518,25 +484,26 @@ class Batches:
             yield images, self.targets[to_device(rows, self.device)]
 
     def sample(self, n):
-        """n stored images (uint8 [n, 3, H, W] on the device) spread evenly over the split, not augmented: the same
+        """n stored images of the split (uint8 [n, 3, H, W] on the device), evenly spread, not augmented: the same
         in every process and from either source."""
-        rows = self.batches.rows[np.linspace(0, len(self.batches.rows) - 1, min(n, len(self.batches.rows))).astype(int)]
+        rows = np.asarray(getattr(self.sampler, "dataset", self.sampler))
+        rows = rows[np.linspace(0, len(rows) - 1, min(n, len(rows))).astype(int)]
         return to_device(self.images.__getitems__(rows.tolist())[0], self.device).permute(0, 3, 1, 2)
 
 
 def to_device(tensor, device):
-    """Moves a host tensor to `device` without waiting. A copy to a GPU from ordinary (pageable) host memory
-    first waits for all the GPU's queued work: a sync point, which would stall the loop at every batch. From
-    pinned memory it is queued behind that work instead, and the host goes on to the next batch."""
+    """Moves a host tensor to `device` without waiting."""
+    # a copy to a GPU from pageable host memory first waits for all the GPU's queued work: a sync point that would
+    # stall the loop at every batch. From pinned memory it is queued behind that work and the host goes on.
     if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
 
-def make_epoch_sampler(n, batch_size, seed=0, rank=0, world_size=1):
-    sampler = EpochSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+def make_epoch_sampler(rows, batch_size, seed=0, rank=0, world_size=1):
+    sampler = EpochSampler(rows, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     if len(sampler) < batch_size:
-        raise SystemExit(f"error: {n} training images give {len(sampler)} per process, "
+        raise SystemExit(f"error: {len(rows)} training images give {len(sampler)} per process, "
                          f"fewer than one batch (-b {batch_size}): lower --batch-size")
     return sampler
 
@@ -544,8 +511,8 @@ def make_epoch_sampler(n, batch_size, seed=0, rank=0, world_size=1):
 def eval_batches(samples, preprocess, batch_size, device, workers=0, rank=0, world_size=1, strict=False):
     """Evaluation batches decoded per image. Process r evaluates images r, r+w, r+2w...: each exactly once."""
     images = DecodedImages(samples, preprocess["img_size"], preprocess["resize_size"], strict)
-    return Batches(images, np.arange(len(samples)), [t for _, t in samples], range(rank, len(samples), world_size),
-                   batch_size, device, workers=workers)
+    return Batches(images, [t for _, t in samples], range(rank, len(samples), world_size), batch_size, device,
+                   workers=workers)
 
 
 def make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank, world_size, device, output_dir, log):
@@ -567,20 +534,20 @@ def make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
     augment = partial(augment_batch, seed=args.seed, crop=args.train_crop, size=args.img_size,
                       padding=args.img_size // 8 if args.crop_padding is None else args.crop_padding,
                       min_scale=args.min_scale, auto_augment=args.auto_augment, random_erase=args.random_erase)
-    sampler = make_epoch_sampler(len(train_rows), args.batch_size, args.seed, rank, world_size)
+    sampler = make_epoch_sampler(train_rows, args.batch_size, args.seed, rank, world_size)
     # drop_last keeps every step the same size: no tiny last batch with noisy BatchNorm statistics
-    train = Batches(train_images, train_rows, [t for _, t in train_samples], sampler, args.batch_size, device,
-                    augment, workers, drop_last=True)
-    val = Batches(val_images, val_rows, [t for _, t in val_samples], range(rank, len(val_rows), world_size),
-                  args.batch_size, device, workers=workers)
+    train = Batches(train_images, [t for _, t in train_samples], sampler, args.batch_size, device, augment, workers,
+                    drop_last=True)
+    val = Batches(val_images, [t for _, t in val_samples], val_rows[rank::world_size].tolist(), args.batch_size,
+                  device, workers=workers)
     log(f"data: {workers} loader worker(s) per process; augmented in batches on {device}")
     return train, val
 
 
 def default_workers(world_size, device):
-    """On a GPU, loader processes take every core but one per training process (at most 16 each). On the CPU
-    they compete with the model for cores: leave about half the cores to compute; with 2 cores or fewer per
-    process the model's threads use them all and loading in the training process itself is faster."""
+    """Loader processes per training process: on a GPU every core but one (at most 16), on the CPU fewer."""
+    # on the CPU they compete with the model for cores: leave about half to compute; with 2 cores or fewer per
+    # process the model's threads use them all, and loading in the training process itself is faster
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if device.type == "cuda":
         return max(1, min(16, cores // world_size - 1))
@@ -598,9 +565,8 @@ def decide_cache(cache, counts_and_sides, log):
 
 
 def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
-    """CachedImages and usable rows of each (samples, layout) split. Local rank 0 decodes; the other processes
-    wait, then map its files. The cache goes to DATA/.cache, or to the run's folder if DATA is read-only; on a GPU
-    the images are copied to it once if they fit."""
+    """CachedImages and usable rows of each (samples, layout) split, in DATA/.cache (the run's folder if DATA is
+    read-only). Local rank 0 decodes; the other processes wait, then map its files."""
     source = Path(args.data) if args.data else Path(args.train_csv).parent
     folder = source / ".cache" if os.access(source, os.W_OK) else Path(output_dir) / "cache"
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -646,9 +612,8 @@ def cache_key(samples, how):
 
 
 def build_cache(samples, side, resize, folder, workers=0, log=print, strict=False, chunk=256):
-    """Returns (images, aspects, usable rows): the memory-mapped uint8 array [N, side, side, 3] of `samples` stored
-    as store_image stores them, and their aspect ratios; decoded by `workers` processes the first time, read from
-    folder/<side>px-<key>.npy afterwards."""
+    """(images, aspects, usable rows): `samples` as store_image stores them, in a memory-mapped uint8 array
+    [N, side, side, 3], folder/<side>px-<key>.npy, decoded by `workers` processes the first time."""
     path = Path(folder) / f"{side}px-{cache_key(samples, (side, resize))}.npy"
     if not path.exists():
         import fcntl  # POSIX only, like the rest of the cache
@@ -671,11 +636,10 @@ def build_cache(samples, side, resize, folder, workers=0, log=print, strict=Fals
 
 
 def decode_into(path, images, workers, log, chunk):
-    """Decodes `images` (a DecodedImages) into the .npy file `path`, their aspect ratios into path.aspects (also
-    an .npy array) and the list of undecodable ones into path.json. The array is written as path.partial, with
-    the number of images done saved after each chunk is on disk, so an interrupted build (an ImageNet-sized set
-    takes an hour) starts again where it stopped; the file takes its name when complete, so a half-built cache is
-    never used."""
+    """Decodes `images` (a DecodedImages) into `path`, their aspect ratios into path.aspects, the list of
+    undecodable ones into path.json."""
+    # written as path.partial, with the count of images done saved after each chunk is on disk: an interrupted
+    # build (an ImageNet-sized set takes an hour) goes on where it stopped. Renamed when complete: never half used.
     partial_path, progress = path.with_suffix(".partial"), path.with_suffix(".progress.json")
     done, bad = json.loads(progress.read_text()) if progress.exists() and partial_path.exists() else (0, [])
     mode = "r+" if done else "w+"
@@ -718,8 +682,8 @@ AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment, "augmix"
 def augment_batch(images, aspects, rows, epoch, *, seed, crop, size, padding, min_scale, auto_augment=None,
                   random_erase=0.0):
     """A training batch of stored images (uint8 [N, H, W, 3] on the device, their aspect ratios, their sample
-    indices) -> uint8 [N, 3, size, size]. crop "padded": shifts of up to `padding` px and a flip, the CIFAR recipe
-    (small images have no detail to spare for zooming); "resized": RandomResizedCrop and a flip, the ImageNet one."""
+    indices) -> uint8 [N, 3, size, size]. crop "padded": shifts of up to `padding` px and a flip (the CIFAR recipe:
+    small images have no detail to spare for zooming); "resized": RandomResizedCrop and a flip."""
     draws = to_device(hash_uniforms(seed, epoch, rows, 4), images.device)
     flips = to_device(alternating_flips(seed, epoch, rows), images.device)
     if crop == "padded":
@@ -732,8 +696,8 @@ def augment_batch(images, aspects, rows, epoch, *, seed, crop, size, padding, mi
 
 
 def hash_uniforms(seed, epoch, indices, count):
-    """`count` uniform numbers in [0, 1) per sample index, a function of (seed, epoch, index) only (splitmix64
-    hashing, vectorised): a sample's augmentation does not depend on the batch or process it lands in."""
+    """`count` uniform numbers in [0, 1) per sample index, a function of (seed, epoch, index) only."""
+    # splitmix64 hashing, vectorised: a sample's augmentation does not depend on the batch or process it lands in
     x = np.asarray(indices, dtype=np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)
     x = x + np.uint64(seed_from(seed, epoch))  # uint64 arrays wrap around silently: that is the point
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
@@ -743,9 +707,9 @@ def hash_uniforms(seed, epoch, indices, count):
 
 
 def alternating_flips(seed, epoch, indices):
-    """Which images to mirror: a random half of them in even epochs, the other half in odd ones, so that every
-    image is seen both ways in every two epochs (airbench's alternating flip: more variety than a fresh coin
-    toss each epoch, which shows some images the same way several epochs running)."""
+    """Which images to mirror: a random half of them in even epochs, the other half in odd ones."""
+    # airbench's alternating flip: every image is seen both ways in every two epochs, where a fresh coin toss
+    # each epoch shows some images the same way several epochs running
     first = hash_uniforms(seed_from(seed, 2**32), 0, indices, 1)[:, 0] < 0.5  # a draw of its own, fixed for the run
     return first ^ (epoch % 2 == 1)
 
@@ -757,8 +721,8 @@ def reflect(positions, size):
 
 
 def padded_crop_flip(images, draws, flips, pad):
-    """Shifts each image by up to `pad` px in each direction (reflecting at the borders; draws[:, :2]) and
-    mirrors those where `flips` is True. images: [N, H, W, C] uint8 -> [N, C, H, W] (a channels_last view)."""
+    """Shifts each image by up to `pad` px each way (reflecting at the borders) and mirrors those where `flips` is
+    True. images: [N, H, W, C] uint8 -> [N, C, H, W] (a channels_last view)."""
     n, h, w, _ = images.shape
     device = images.device
     shift = (draws[:, :2] * (2 * pad + 1)).floor().long() - pad
@@ -771,9 +735,9 @@ def padded_crop_flip(images, draws, flips, pad):
 
 
 def resized_crop_flip(images, aspects, draws, flips, size, min_scale):
-    """RandomResizedCrop (area share min_scale..1 and width/height 3/4..4/3 of the original image, whose aspect
-    ratio is `aspects`; place: draws[:, :4]) and a mirror where `flips` is True, as one bilinear grid_sample of
-    the whole images, squashed to squares. images: [N, S, S, C] uint8 -> [N, C, size, size] uint8."""
+    """RandomResizedCrop (area share min_scale..1, width/height 3/4..4/3 of the original, whose aspect ratio is
+    `aspects`) and a mirror where `flips` is True, as one bilinear grid_sample of the whole images squashed to
+    squares. images: [N, S, S, C] uint8 -> [N, C, size, size] uint8."""
     area = min_scale + (1 - min_scale) * draws[:, 0]
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * draws[:, 1])
     width = (area * ratio / aspects).sqrt().clamp(max=1)  # shares of the original's width and height
@@ -788,8 +752,8 @@ def resized_crop_flip(images, aspects, draws, flips, size, min_scale):
 
 
 def augment_each(images, seeds, auto_augment, random_erase):
-    """torchvision's auto-augment policy and random erasing (to the mean colour, as erasing to 0 after
-    normalisation would), image by image, each seeded from its own seed."""
+    """torchvision's auto-augment policy and random erasing (to the mean colour), image by image, each seeded
+    from its own seed."""
     steps = [AUTO_AUGMENT[auto_augment]()] if auto_augment else []
     if random_erase:
         steps.append(v2.RandomErasing(random_erase, value=[round(255 * m) for m in IMAGENET_MEAN]))

@@ -19,8 +19,8 @@ import utils
 from model import model_from_checkpoint
 
 def tta_logits(model, images):
-    """Test-time augmentation: the mean of the logits of the image and its mirror image, and for small images
-    (64 px or less, where a pixel matters) of both shifted by 1/32 of the size diagonally each way."""
+    """Test-time augmentation: the mean logits of the image and its mirror image, and for small images (64 px or
+    less, where a pixel matters) of both shifted by 1/32 of the size diagonally each way."""
     views = [images, images.flip(3)]
     size = images.shape[-1]
     if size <= 64:
@@ -45,44 +45,36 @@ def batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
 
 @torch.inference_mode()
 def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5, tta=False):
-    """Sums over the whole (sharded) loader, reduced over processes. Returns plain numbers.
-    tta: average the logits over flipped and shifted views (tta_logits)."""
+    """Metrics over the whole (sharded) loader, summed over processes, as plain numbers. tta: see tta_logits."""
     ks = sorted({1, min(topk, num_classes)})  # top-5 of a 2-class problem is meaningless (and would crash)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
     for logits, targets in batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
         loss_sum += F.cross_entropy(logits, targets, reduction="sum")
-        correct += utils.topk_correct(logits, targets, ks)
+        hits = logits.topk(ks[-1], dim=1).indices == targets[:, None]  # [N, k]: where the target is
+        correct += torch.stack([hits[:, :k].any(1).sum() for k in ks])
         confusion.index_put_((targets, logits.argmax(1)), torch.ones_like(targets), accumulate=True)
     for tensor in (loss_sum, correct, confusion):
-        utils.all_reduce_sum(tensor)
+        utils.all_reduce(tensor)
     # one host sync for everything
     loss_sum, correct, confusion = loss_sum.item(), correct.tolist(), confusion.cpu()
     count = int(confusion.sum())
     per_class_count = confusion.sum(1)
     top1, topk = 100 * correct[0] / max(count, 1), 100 * correct[-1] / max(count, 1)
-    return {
-        "count": count,
-        "loss": loss_sum / max(count, 1),
-        "top1": top1,
-        "k": ks[-1],
-        "topk": topk,
-        "per_class_count": per_class_count.tolist(),
-        "per_class_top1": (100 * confusion.diag() / per_class_count.clamp(min=1)).tolist(),
-        "confusion": confusion.tolist(),
-        # what train.py selects best.pt by, logs and writes to results.csv
-        "score": top1,
-        "summary": f"top-1 {top1:.2f}% top-{ks[-1]} {topk:.2f}%",
-        "columns": {"val_top1": top1, "val_top5": topk},
-    }
+    return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": ks[-1], "topk": topk,
+            "per_class_count": per_class_count.tolist(), "confusion": confusion.tolist(),
+            "per_class_top1": (100 * confusion.diag() / per_class_count.clamp(min=1)).tolist(),
+            # what train.py selects best.pt by, logs and writes to results.csv
+            "score": top1, "summary": f"top-1 {top1:.2f}% top-{ks[-1]} {topk:.2f}%",
+            "columns": {"val_top1": top1, "val_top5": topk}}
 
 
 @torch.inference_mode()
 def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5,
                         tta=False, threshold=0.5):
-    """Multilabel metrics over the whole (sharded) loader: F1 (micro and macro), mAP, per-class precision and
-    recall at `threshold`. Average precision needs every score, so the shards are gathered (one exchange)."""
+    """Multilabel metrics: F1 (micro and macro), mAP, per-class precision and recall at `threshold`."""
+    # average precision needs every score, so the shards are gathered (one exchange)
     scores, labels = [], []
     for logits, targets in batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
         scores.append(logits)
@@ -99,15 +91,11 @@ def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off
     micro_f1 = 100 * 2 * tp.sum().item() / max(1, (2 * tp + fp + fn).sum().item())
     macro_f1 = 100 * f1[present].mean().item() if present.any() else 0.0
     mean_ap = 100 * average_precision(scores, truth)[present].mean().item() if present.any() else 0.0
-    return {
-        "count": len(scores), "loss": loss, "threshold": threshold, "f1": micro_f1, "macro_f1": macro_f1,
-        "map": mean_ap,
-        "per_class_count": truth.sum(0).tolist(), "per_class_precision": (100 * precision).tolist(),
-        "per_class_recall": (100 * recall).tolist(),
-        "score": micro_f1,
-        "summary": f"F1 {micro_f1:.2f}% (macro {macro_f1:.2f}%) mAP {mean_ap:.2f}%",
-        "columns": {"val_f1": micro_f1, "val_macro_f1": macro_f1, "val_map": mean_ap},
-    }
+    return {"count": len(scores), "loss": loss, "threshold": threshold, "f1": micro_f1, "macro_f1": macro_f1,
+            "map": mean_ap, "per_class_count": truth.sum(0).tolist(), "per_class_precision": (100 * precision).tolist(),
+            "per_class_recall": (100 * recall).tolist(), "score": micro_f1,
+            "summary": f"F1 {micro_f1:.2f}% (macro {macro_f1:.2f}%) mAP {mean_ap:.2f}%",
+            "columns": {"val_f1": micro_f1, "val_macro_f1": macro_f1, "val_map": mean_ap}}
 
 
 def average_precision(scores, truth):
@@ -121,61 +109,51 @@ def average_precision(scores, truth):
 EVALUATE = {"single": evaluate, "multilabel": evaluate_multilabel}
 
 
-def format_report(metrics, classes):
-    if "f1" in metrics:  # multilabel
-        rows = [[name, str(n), f"{p:.2f}%", f"{r:.2f}%"] for name, n, p, r in zip(
+def per_class_rows(metrics, classes):
+    """(header, rows) of the per-class figures: precision and recall (multilabel), or top-1 and the confusion row."""
+    if "f1" in metrics:
+        return ["class", "positives", "precision", "recall"], [list(row) for row in zip(
             classes, metrics["per_class_count"], metrics["per_class_precision"], metrics["per_class_recall"])]
-        return "\n".join([f"images {metrics['count']}  loss {metrics['loss']:.4f}  {metrics['summary']}  "
-                          f"(threshold {metrics['threshold']})", "", "per class:",
-                          utils.format_table(rows, ["class", "positives", "precision", "recall"])])
-    lines = [f"images {metrics['count']}  loss {metrics['loss']:.4f}  top-1 {metrics['top1']:.2f}%  "
-             f"top-{metrics['k']} {metrics['topk']:.2f}%", "", "per-class top-1:"]
-    rows = [[name, str(n), f"{acc:.2f}%"] for name, n, acc in
-            zip(classes, metrics["per_class_count"], metrics["per_class_top1"])]
-    lines += [utils.format_table(rows, ["class", "images", "top-1"]), "",
-              "confusion matrix (rows: true, columns: predicted):"]
-    short = [str(i) for i in range(len(classes))]
-    rows = [[f"{i} {name}"] + [str(x) for x in row] for i, (name, row) in enumerate(zip(classes, metrics["confusion"]))]
-    lines.append(utils.format_table(rows, ["true \\ predicted"] + short))
-    return "\n".join(lines)
+    return ["class", "images", "top1"] + [f"predicted:{name}" for name in classes], [
+        [name, n, acc, *row] for name, n, acc, row in
+        zip(classes, metrics["per_class_count"], metrics["per_class_top1"], metrics["confusion"])]
+
+
+def format_report(metrics, classes):
+    header, rows = per_class_rows(metrics, classes)
+    rows = [[f"{x:.2f}%" if isinstance(x, float) else str(x) for x in row] for row in rows]
+    line = f"images {metrics['count']}  loss {metrics['loss']:.4f}  {metrics['summary']}"
+    if "f1" in metrics:
+        return "\n".join([f"{line}  (threshold {metrics['threshold']})", "", "per class:",
+                          utils.format_table(rows, header)])
+    rows = [[f"{i} {row[0]}", *row[1:]] for i, row in enumerate(rows)]  # predicted classes by number: narrow columns
+    header = ["true class", "images", "top-1"] + [str(i) for i in range(len(classes))]
+    return "\n".join([line, "", "per-class top-1 and confusion matrix (rows: true, columns: predicted):",
+                      utils.format_table(rows, header)])
 
 
 def write_csv(metrics, classes, path):
+    header, rows = per_class_rows(metrics, classes)
     with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        if "f1" in metrics:  # multilabel
-            writer.writerow(["class", "positives", "precision", "recall"])
-            writer.writerows(zip(classes, metrics["per_class_count"], metrics["per_class_precision"],
-                                 metrics["per_class_recall"]))
-            return
-        writer.writerow(["class", "images", "top1"] + [f"predicted:{name}" for name in classes])
-        for name, n, acc, row in zip(classes, metrics["per_class_count"], metrics["per_class_top1"],
-                                     metrics["confusion"]):
-            writer.writerow([name, n, f"{acc:.4f}"] + row)
+        csv.writer(f).writerows([header, *rows])
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
-    parser.add_argument("--data", default=None, help="dataset folder with train/ and val/ or test/")
-    parser.add_argument("--val-csv", default=None,
-                        help="instead of --data: a CSV of images and labels (the training run's columns)")
-    parser.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
-    parser.add_argument("-b", "--batch-size", type=int, default=None,
-                        help="per process (default: the training batch size, so numbers match training's)")
-    parser.add_argument("-j", "--workers", type=int, default=2, help="data loading processes per process (default: 2)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--amp", default=None, choices=list(utils.AMP_DTYPES),
-                        help="mixed precision (default: the training run's)")
-    parser.add_argument("--topk", type=int, default=5,
-                        help="k of top-k accuracy, capped at the number of classes (default: 5)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average over flips (and 1/32-size shifts up to 64 px)")
-    parser.add_argument("--plot", default=None, help="also draw the normalised confusion matrix into this PNG file")
-    parser.add_argument("--json", default=None, help="also write all metrics to this JSON file")
-    parser.add_argument("--csv", default=None,
-                        help="also write per-class accuracy and the confusion matrix to this CSV file")
-    return parser
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
+    p.add_argument("--data", help="dataset folder with train/ and val/ or test/")
+    p.add_argument("--val-csv", help="instead of --data: a CSV of images and labels (the training run's columns)")
+    p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
+    p.add_argument("-b", "--batch-size", type=int, help="per process (default: the training batch size)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes per process (default: 2)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--amp", choices=list(utils.AMP_DTYPES), help="mixed precision (default: the training run's)")
+    p.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, at most the classes (default: 5)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: flips (and shifts up to 64 px)")
+    p.add_argument("--plot", help="also draw the normalised confusion matrix into this PNG file")
+    p.add_argument("--json", help="also write all metrics to this JSON file")
+    p.add_argument("--csv", help="also write per-class accuracy and the confusion matrix to this CSV file")
+    return p
 
 
 def main(argv=None):

@@ -23,24 +23,19 @@ TOLERANCE = {False: 1e-3, True: 5e-2}  # largest logit difference accepted for f
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    parser.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"],
-                        help="(default: torchscript)")
-    parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (for GPUs; CPUs run fp16 slowly)")
-    parser.add_argument("--dynamic-batch", action="store_true",
-                        help="ONNX: any batch size (TorchScript always accepts any)")
-    parser.add_argument("--batch-size", type=int, default=2,
-                        help="batch of the sample used to export and check (default: 2)")
-    parser.add_argument("--device", default="cpu", help="where to export and check (default: cpu)")
-    parser.add_argument("--output", default=None,
-                        help="output file (default: beside the checkpoint, .torchscript or .onnx)")
-    return parser
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"], help="(default: torchscript)")
+    p.add_argument("--half", action="store_true", help="fp16 weights and inputs (for GPUs; CPUs run fp16 slowly)")
+    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (TorchScript always accepts any)")
+    p.add_argument("--batch-size", type=int, default=2, help="batch of the sample to export and check (default: 2)")
+    p.add_argument("--device", default="cpu", help="where to export and check (default: cpu)")
+    p.add_argument("--output", help="output file (default: beside the checkpoint, .torchscript or .onnx)")
+    return p
 
 
 def meta_path(path):
-    """best.torchscript -> best.torchscript.json: each export of a checkpoint has its own."""
-    return Path(f"{path}.json")
+    return Path(f"{path}.json")  # best.torchscript -> best.torchscript.json: each export has its own
 
 
 def export_torchscript(model, sample, path):

@@ -55,10 +55,10 @@ class SmallNet(nn.Sequential):
 
     @torch.no_grad()
     def whiten_stem(self, images, eps=5e-4):
-        """Sets the stem's filters from `images` (a normalised NCHW batch): the eigenvectors of the covariance of
-        the images' 2x2 patches, each scaled to give unit variance (so the stem's outputs are decorrelated, and
-        faint high-frequency directions are as loud as the bright ones), and each negated as well, so the GELU
-        after it passes both signs. Narrower stems keep the largest directions."""
+        """Sets the stem's filters from `images` (a normalised NCHW batch) to whiten their 2x2 patches."""
+        # the eigenvectors of the patches' covariance, each scaled to unit variance (the outputs are decorrelated,
+        # and faint high-frequency directions as loud as the bright ones), each negated as well, so that the GELU
+        # after it passes both signs. Narrower stems keep the largest directions.
         conv = self.stem[0]
         c, k = conv.in_channels, conv.kernel_size[0]
         covariance, count = 0, 0
@@ -105,8 +105,8 @@ def check_model_name(name):
 
 
 def build_model(name, num_classes, pretrained=False, weights=None, log=print):
-    """`pretrained` takes torchvision's default weights (a download); `weights` a local state dict or
-    checkpoint. Either way tensors whose shape does not fit (the head, for other classes) are dropped."""
+    """`pretrained`: torchvision's default weights (a download); `weights`: a local state dict or checkpoint.
+    Either way tensors whose shape does not fit (the head, for other classes) are dropped."""
     error = check_model_name(name)
     if error:
         raise ValueError(error)
@@ -145,14 +145,13 @@ def load_matching(model, state_dict, source, log=print):
 # fine-tuning: freezing stages, the head's dropout
 
 def stages(model):
-    """The model's stages in order: its top-level children that hold parameters (resnet: conv1, bn1,
-    layer1..layer4, fc; smallnet: stem, group1..group3, fc; efficientnet: features, classifier)."""
+    """The model's top-level children that hold parameters, in order (resnet: conv1, bn1, layer1..layer4, fc)."""
     return [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
 
 
 def freeze(model, count, log=print):
-    """Freezes the first `count` stages (-1: all but the last, the head): no gradients, and their BatchNorm
-    keeps its running statistics (keep_frozen_in_eval re-applies that after model.train()). Returns them."""
+    """Freezes the first `count` stages (-1: all but the head) and returns them: no gradients, and their BatchNorm
+    keeps its running statistics (keep_frozen_in_eval re-applies that after model.train())."""
     all_stages = stages(model)
     count = len(all_stages) - 1 if count < 0 else min(count, len(all_stages) - 1)
     frozen = [module for _, module in all_stages[:count]]
@@ -168,8 +167,8 @@ def keep_frozen_in_eval(frozen):
 
 
 def set_head_dropout(model, p):
-    """Dropout p on the input of the last Linear layer (the head), in training only, replacing the dropout
-    that sits beside it. A hook, so the state dict, and every checkpoint, keeps its usual keys."""
+    """Dropout p on the input of the last Linear layer (the head), in place of the dropout that sits beside it."""
+    # a hook, so that the state dict, and every checkpoint, keeps its usual keys
     name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     parent, head = model.get_submodule(name.rpartition(".")[0]), model.get_submodule(name)
     for sibling in parent.children():

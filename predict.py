@@ -11,6 +11,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -41,8 +42,8 @@ def expand_inputs(inputs):
 
 @torch.inference_mode()
 def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=None):
-    """[(path, [(class index, probability)] best first)] for every image: the top-k classes (softmax), or
-    with a threshold (multilabel models) every class whose sigmoid probability reaches it."""
+    """[(path, [(class index, probability)] best first)]: the top-k classes, or with a threshold (multilabel
+    models) every class whose probability reaches it."""
     transform = data.eval_transform(preprocess)
     normalize = data.make_normalize(preprocess, device)
     dtype = next(model.parameters()).dtype  # float16 for an `export.py --half` file
@@ -54,7 +55,7 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
                 images.append(transform(data.load_image(path)))
                 batch_paths.append(path)
             except data.UnreadableImage as e:
-                utils.stderr(f"warning: skipping {e}")
+                print(f"warning: skipping {e}", file=sys.stderr, flush=True)
         if not images:
             continue
         images = torch.stack(images).to(device)
@@ -69,8 +70,7 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
 
 
 def load_for_prediction(path, device):
-    """(model, classes, preprocess, multilabel) from one of our checkpoints, or from a TorchScript export of
-    export.py, known by the JSON file beside it (whatever its suffix)."""
+    """(model, classes, preprocess, multilabel) of a checkpoint, or of an export.py file (the JSON beside it)."""
     meta_path = export.meta_path(path)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -85,18 +85,16 @@ def load_for_prediction(path, device):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--ckpt", required=True,
-                        help="checkpoint written by train.py, or a .torchscript file of export.py")
-    parser.add_argument("--topk", type=int, default=5,
-                        help="classes to show per image, at most the number of classes (default: 5)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="multilabel models: list every class with a probability at least this (default: 0.5)")
-    parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a .torchscript file of export.py")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="multilabel: every class with at least this probability (default: 0.5)")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
 
 
 def main(argv=None):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed import ReduceOp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -51,65 +52,52 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
     # data
-    p.add_argument("--data", default=None, help=f"dataset folder (default: generate a shapes demo in {SHAPES_DIR})")
-    p.add_argument("--train-csv", default=None, help="instead of --data: a CSV of image paths (relative to it), labels")
-    p.add_argument("--val-csv", default=None, help="the validation CSV (default: --val-fraction of --train-csv)")
+    p.add_argument("--data", help=f"dataset folder (default: generate a shapes demo in {SHAPES_DIR})")
+    p.add_argument("--train-csv", help="instead of --data: a CSV of image paths (relative to it), labels")
+    p.add_argument("--val-csv", help="the validation CSV (default: --val-fraction of --train-csv)")
     p.add_argument("--image-column", default="image", help="CSV column of the image paths (default: image)")
-    p.add_argument("--label-column", default="label",
-                   help="CSV column of the labels: names or integer ids (default: label)")
-    p.add_argument("--label-delimiter", default=None,
-                   help="separator of several labels in one CSV cell (default: none)")
+    p.add_argument("--label-column", default="label", help="CSV column of the labels, names or ids (default: label)")
+    p.add_argument("--label-delimiter", help="separator of several labels in one CSV cell (default: none)")
     p.add_argument("--task", default="single", choices=["single", "multilabel"],
-                   help="one class per image (softmax), or any number (sigmoid; CSV only) (default: single)")
-    p.add_argument("--classes", default=None,
-                   help="the classes in index order: a,b,c or a file (default: sorted names)")
-    p.add_argument("--ignore-classes", default=None, help="classes to leave out of the data: a,b or a file")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of train/ held out without val/ (default: 0.1)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="training crop size (default: from the images, at most 224)")
-    p.add_argument("--crop-pct", type=float, default=None,
-                   help="eval crop / resized side (default: 1 to 64 px, else 0.875)")
-    p.add_argument("--train-crop", default=None, choices=["resized", "padded"],
-                   help="RandomResizedCrop or a crop of the padded image (default: padded to 64 px, else resized)")
-    p.add_argument("--crop-padding", type=int, default=None,
-                   help="padded crop: largest shift in px (default: size / 8)")
-    p.add_argument("--min-scale", type=float, default=0.25,
-                   help="smallest area share of a resized crop (default: 0.25)")
-    p.add_argument("--auto-augment", default=None, choices=list(data.AUTO_AUGMENT),
-                   help="auto-augment policy (default: none)")
+                   help="one class per image, or any number (CSV only) (default: single)")
+    p.add_argument("--classes", help="the classes in index order: a,b,c or a file (default: sorted names)")
+    p.add_argument("--ignore-classes", help="classes to leave out of the data: a,b or a file")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train/ held out if no val/ (default: 0.1)")
+    p.add_argument("--img-size", type=int, help="training crop size (default: from the images, at most 224)")
+    p.add_argument("--crop-pct", type=float, help="eval crop / resized side (default: 1 to 64 px, else 0.875)")
+    p.add_argument("--train-crop", choices=["resized", "padded"],
+                   help="random crop (default: padded to 64 px, else resized)")
+    p.add_argument("--crop-padding", type=int, help="padded crop: largest shift in px (default: size / 8)")
+    p.add_argument("--min-scale", type=float, default=0.25, help="least area share of a resized crop (default: 0.25)")
+    p.add_argument("--auto-augment", choices=list(data.AUTO_AUGMENT), help="auto-augment policy (default: none)")
     p.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability (default: 0)")
     p.add_argument("--mixup-alpha", type=float, default=0.0, help="MixUp alpha, 0 is off (default: 0)")
     p.add_argument("--cutmix-alpha", type=float, default=0.0, help="CutMix alpha, 0 is off (default: 0)")
     p.add_argument("--strict", action="store_true", help="stop on unusable image files instead of skipping them")
-    p.add_argument("--cache", action=bool_flag, default=None,
-                   help="decode every image once, augment batches on the device (default: on for small sets)")
-    p.add_argument("-j", "--workers", type=int, default=None,
-                   help="loader processes per process (default: from the cores)")
+    p.add_argument("--cache", action=bool_flag, help="decode every image once (default: on for small sets)")
+    p.add_argument("-j", "--workers", type=int, help="loader processes per process (default: from the cores)")
     # model
-    p.add_argument("--model", default=None, help="a name of --list-models (default: smallnet to 64 px, else resnet18)")
+    p.add_argument("--model", help="a name of --list-models (default: smallnet to 64 px, else resnet18)")
     p.add_argument("--list-models", action="store_true", help="print the model names and exit")
     p.add_argument("--pretrained", action="store_true", help="start from torchvision's default weights (a download)")
-    p.add_argument("--weights", default=None,
-                   help="start from a local state dict or checkpoint (heads that differ: new)")
-    p.add_argument("--freeze", type=int, default=0,
-                   help="freeze the first N stages, BatchNorm statistics too (default: 0)")
+    p.add_argument("--weights", help="start from a local state dict or checkpoint (heads that differ: new)")
+    p.add_argument("--freeze", type=int, default=0, help="freeze the first N stages, BatchNorm too (default: 0)")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the head (the last stage)")
-    p.add_argument("--dropout", type=float, default=None, help="dropout before the head (default: the model's own)")
+    p.add_argument("--dropout", type=float, help="dropout before the head (default: the model's own)")
     # optimisation
     p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
     p.add_argument("-b", "--batch-size", type=int, default=64, help="images per process per step (default: 64)")
     p.add_argument("--accum-steps", type=int, default=1, help="steps per optimizer update (default: 1)")
     p.add_argument("--opt", default="sgd", choices=list(OPTIMIZER_DEFAULTS),
                    help="Nesterov SGD or AdamW (default: sgd)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=None,
-                   help="weight decay, none on norms and biases (default: 5e-4 for sgd, 0.05 for adamw)")
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=float,
+                   help="weight decay, not on norms and biases (default: 5e-4 sgd, 0.05 adamw)")
     p.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup from 0, in epochs (default: 1)")
     p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the last step (default: 0)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
-    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this (default: off)")
+    p.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this (default: off)")
     p.add_argument("--tta", action="store_true", help="evaluate with flips (and shifts) each epoch; best.pt follows it")
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights: evaluated and saved for use")
     p.add_argument("--model-ema-decay", type=float, default=0.999, help="EMA decay per optimizer step (default: 0.999)")
@@ -118,20 +106,16 @@ def get_args_parser():
     p.add_argument("--channels-last", action=bool_flag, default=True, help="NHWC memory format (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
     p.add_argument("--deterministic", action="store_true", help="bitwise repeatable runs (slower kernels on GPU)")
-    p.add_argument("--patience", type=int, default=0,
-                   help="stop when val top-1 stalls for N epochs (default: 0, never)")
-    p.add_argument("--time", type=float, default=None,
-                   help="hours to train: --epochs is refitted after the first epoch")
+    p.add_argument("--patience", type=int, default=0, help="stop when val top-1 stalls N epochs (default: 0, never)")
+    p.add_argument("--time", type=float, help="hours to train: --epochs is refitted after the first epoch")
     # output
-    p.add_argument("--save-period", type=int, default=0,
-                   help="also keep epoch<N>.pt every N epochs (default: 0, never)")
-    p.add_argument("--output-dir", default=None, help="where files go (default: runs/<data name>-<date>-<time>)")
-    p.add_argument("--save-every-steps", type=int, default=0,
-                   help="also write last.pt every N steps (default: 0, never)")
-    p.add_argument("--resume", default=None, help="continue from this last.pt, with the arguments it was started with")
+    p.add_argument("--save-period", type=int, default=0, help="also keep epoch<N>.pt every N epochs (default: 0: no)")
+    p.add_argument("--output-dir", help="where files go (default: runs/<data name>-<date>-<time>)")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N steps (default: 0: no)")
+    p.add_argument("--resume", help="continue from this last.pt, with the arguments it was started with")
     return p
 
 
@@ -181,8 +165,8 @@ def resume_args(args):
 
 
 def new_output_dir(data_name):
-    """Creates runs/<data name>-<date>-<time>: creating it claims it, so two runs started in the same second
-    (or by two launches at once) get two folders."""
+    """Creates runs/<data name>-<date>-<time>: creating it claims it, so two runs started in the same second get
+    two folders."""
     base = Path("runs") / f"{data_name}-{datetime.now():%Y%m%d-%H%M%S}"
     path, n = base, 2
     while True:
@@ -230,8 +214,8 @@ def is_finished(checkpoint, args, world_size, log):
 # data
 
 def load_data(args, output_dir, local_rank, world_size, log):
-    """Reads the samples and settles, once, the flags whose defaults depend on them: --data (the demo),
-    --img-size, --model, --train-crop. Returns (args settled: a new namespace, classes, train and val samples)."""
+    """(args settled, classes, train and val samples): a new namespace with the flags whose defaults depend on the
+    data (--data for the demo, --img-size, --model, --train-crop) settled once."""
     settled = {"output_dir": str(output_dir)}
     if args.data is None and args.train_csv is None:
         if local_rank == 0:
@@ -270,8 +254,8 @@ def count_steps(train_loader, args, world_size, log):
 
 
 def make_model(args, num_classes, world_size, log):
-    """The model to train and its frozen stages. SyncBatchNorm replaces BatchNorm modules, so it comes before the
-    freezing, which must hold the modules that stay in the model."""
+    """The model to train and its frozen stages."""
+    # SyncBatchNorm replaces BatchNorm modules, so it comes before the freezing, which holds the modules it froze
     model = build_model(args.model, num_classes, args.pretrained, args.weights, log)
     if args.dropout is not None:
         set_head_dropout(model, args.dropout)
@@ -287,8 +271,7 @@ def make_model(args, num_classes, world_size, log):
 # optimisation: the learning rate is a pure function of the step
 
 def lr_at(step, total_steps, warmup_steps, base_lr, min_lr):
-    """Linear warmup from 0 to base_lr at step warmup_steps - 1, then cosine decay to min_lr at the last step,
-    total_steps - 1."""
+    """Linear warmup to base_lr at step warmup_steps - 1, then cosine decay to min_lr at step total_steps - 1."""
     peak = max(warmup_steps - 1, 0)
     if step < peak:
         return base_lr * (step + 1) / warmup_steps
@@ -315,17 +298,18 @@ def make_optimizer(model, args, device):
 
 
 def make_scaler(amp, device):
-    """fp16 needs a dynamic loss scale (its small gradients underflow). bf16 and fp32 do not, but the scaler also
-    skips every step whose gradients hold inf or NaN, so it runs for them too, at a fixed scale of 1 (multiplying
-    by 1 changes nothing). The scaler halves its scale at every skipped step: optimizer_step sets it back to 1."""
+    """A dynamic loss scale for fp16 (its small gradients underflow), else a fixed scale of 1."""
+    # bf16 and fp32 need no scale, but the scaler also skips every step whose gradients hold inf or NaN; multiplying
+    # by 1 changes nothing. It halves the scale at a skipped step: optimizer_step sets it back to 1.
     if amp == "fp16":
         return torch.amp.GradScaler(device.type)
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**31 - 1)
 
 
 def optimizer_step(model, optimizer, scaler, clip_grad_norm=None, fixed_scale=True):
-    """Unscale, clip, step (skipped if a gradient is not finite), zero the gradients. With a fused optimizer the
-    skip is decided on the device; with a foreach one the scaler reads a flag: a sync point (free on the CPU)."""
+    """Unscale, clip, step (skipped if a gradient is not finite), zero the gradients."""
+    # with a fused optimizer the skip is decided on the device; with a foreach one the scaler reads a flag: a sync
+    # point (free on the CPU)
     if clip_grad_norm:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
@@ -362,17 +346,17 @@ def restore(checkpoint, model, ema_model, optimizer, scaler):
 
 
 def evaluate_model(model, val_loader, args, device, classes, preprocess):
-    """The metrics of the model that is saved: the unwrapped one (a DDP model would sync its buffers in its first
-    forward, a collective that a process without validation images never makes), with rank 0's BatchNorm
-    statistics in every process."""
+    """The metrics of the model that is saved, with rank 0's BatchNorm statistics in every process."""
+    # the unwrapped model: a DDP one would sync its buffers in its first forward, a collective that a process
+    # without validation images never makes
     utils.broadcast_buffers(model)
     return EVALUATE[args.task](model, val_loader, device, len(classes), preprocess, args.amp, args.channels_last,
                                tta=args.tta)
 
 
 def log_epoch(epoch, epochs, stats, metrics, is_best, output_dir, task, log):
-    """The epoch's line in the log, and its row of results.csv (if output_dir is given: rank 0). The row comes before
-    the checkpoint: a resume from the previous last.pt trims it away again."""
+    """The epoch's line in the log, and its row of results.csv if output_dir is given (rank 0)."""
+    # the row comes before the checkpoint: a resume from the previous last.pt trims it away again
     log(f"epoch {epoch + 1}/{epochs}  train loss {stats['train_loss']:.4f} top-1 {stats['train_top1']:.2f}%  "
         f"val loss {metrics['loss']:.4f} {metrics['summary']}  "
         f"{stats['seconds']:.1f}s  {stats['images_per_s']:.0f} img/s" + ("  * best" if is_best else ""))
@@ -389,15 +373,14 @@ def log_epoch(epoch, epochs, stats, metrics, is_best, output_dir, task, log):
 def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, args, device, *, epochs, normalize, mix,
                     lr_of_step, ema_update, no_sync, flags, save, log):
     """Trains epoch `epoch` from optimizer step `step` (mid-epoch after a resume) to its end, or until a stop is
-    asked for. Returns the step reached and the stats of the steps it ran (None if stopped).
-
-    Losses and hits are summed on the device and read only when the progress line is redrawn:
-    the loop itself never waits for the device."""
+    asked for. Returns the step reached and the epoch's stats (None if stopped)."""
+    # losses and hits are summed on the device and read only when the progress line is redrawn: the loop itself
+    # never waits for the device
     steps_per_epoch = len(loader) // args.accum_steps
     done = step - epoch * steps_per_epoch  # steps of this epoch already taken before a resume
     # the order is a function of (seed, epoch): skipping the batches already seen gives the remaining ones
     loader.sampler.set_epoch(epoch, skip=done * args.accum_steps * args.batch_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, right answers, micro-steps with a non-finite loss
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, right answers, non-finite micro-steps, images
     bad_run = torch.zeros((), dtype=torch.int64, device=device)  # the latest non-finite ones in a row
     progress = Progress(epoch, epochs, steps_per_epoch, done, log)
     batches = iter(loader)
@@ -418,26 +401,25 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
         # a non-finite loss is counted here, on the device; the scaler skips its step in optimizer_step
         loss, finite = loss.detach(), torch.isfinite(loss.detach())
         bad_run = (bad_run + 1) * ~finite
-        sums += torch.stack([torch.where(finite, loss, 0.0) * len(labels), count_hits(logits, labels), ~finite])
-        progress.seen += len(labels)
+        sums += torch.stack([torch.where(finite, loss, 0.0) * len(labels), count_hits(logits, labels), ~finite,
+                             torch.full_like(loss, len(labels))])
         if not update:
             continue
         lr = set_lr(optimizer, lr_of_step(step))
         optimizer_step(model, optimizer, scaler, args.clip_grad_norm, fixed_scale=args.amp != "fp16")
         step += 1
-        if ema_update is not None:
-            ema_update(step)
-        progress.update(step - epoch * steps_per_epoch, sums[0], lr)
+        ema_update(step)
+        progress.update(step - epoch * steps_per_epoch, sums, lr)
         end = step == (epoch + 1) * steps_per_epoch
         stop = flags.check(step, bad_run, force=end)
-        if end:
-            break  # the epoch's end: evaluation and the epoch's checkpoint come next, in train()
-        if stop or (args.save_every_steps and step % args.save_every_steps == 0):
+        if end or stop:
+            break  # at the epoch's end, evaluation and the epoch's checkpoint come next, in train()
+        if args.save_every_steps and step % args.save_every_steps == 0:
             save(epoch, step)
-        if stop:
-            progress.finish(step - epoch * steps_per_epoch, sums[0], lr)
-            return step, None
-    progress.finish(step - epoch * steps_per_epoch, sums[0], lr)
+    progress.finish(step - epoch * steps_per_epoch, sums, lr)
+    if not end:  # stopped inside the epoch
+        save(epoch, step)
+        return step, None
     return step, epoch_stats(sums, progress, lr, args.batch_size, epoch, log)
 
 
@@ -457,8 +439,7 @@ def count_hits(logits, labels):
 
 def epoch_stats(sums, progress, lr, batch_size, epoch, log):
     """The epoch's loss, top-1 and speed, over all processes: a sync point, once per epoch."""
-    seen = torch.tensor([progress.seen], dtype=torch.float64, device=sums.device)
-    loss_sum, hits, bad, seen = utils.all_reduce_sum(torch.cat([sums, seen])).tolist()
+    loss_sum, hits, bad, seen = utils.all_reduce(sums.clone()).tolist()
     if bad:
         log(f"warning: {bad:.0f} step(s) of epoch {epoch + 1} had a non-finite loss and were skipped")
     seconds = time.perf_counter() - progress.start
@@ -468,10 +449,10 @@ def epoch_stats(sums, progress, lr, batch_size, epoch, log):
 
 class StopFlags:
     """Whether to stop: SIGTERM or Ctrl-C came (`stop`, an event), or the loss has not been finite for
-    MAX_BAD_STEPS steps in a row (an error). All processes must agree on the step they stop at, so every
-    CHECK_EVERY steps the flags are all-reduced on the device and copied to the host without waiting. On a GPU
-    what is read is the copy started CHECK_EVERY steps earlier, finished long since, so the loop never waits for
-    the GPU; `force` (an epoch's end) reads the current flags there: a sync point."""
+    MAX_BAD_STEPS steps in a row (an error)."""
+    # all processes must stop at the same step, so every CHECK_EVERY steps the flags are all-reduced on the device
+    # and copied to the host without waiting. On a GPU what is read is the copy started CHECK_EVERY steps earlier,
+    # finished long since; `force` (an epoch's end) reads the current flags there: a sync point.
 
     def __init__(self, stop, device, steps_per_epoch, hint):
         self.stop, self.device, self.steps_per_epoch, self.hint = stop, device, steps_per_epoch, hint
@@ -481,7 +462,7 @@ class StopFlags:
         if step % CHECK_EVERY and not force:
             return utils.get_world_size() == 1 and self.stop.is_set()
         flags = torch.stack([torch.full((), float(self.stop.is_set()), device=self.device), bad_run.float()])
-        earlier, self.pending = self.pending, read_later(utils.all_reduce_max(flags))
+        earlier, self.pending = self.pending, read_later(utils.all_reduce(flags, ReduceOp.MAX))
         use_earlier = earlier is not None and not force and self.device.type == "cuda"  # elsewhere reading is free
         stop, bad = (earlier if use_earlier else self.pending)()
         if bad >= MAX_BAD_STEPS:
@@ -493,8 +474,7 @@ class StopFlags:
 
 
 def read_later(tensor):
-    """Starts copying a device tensor to the host; returns a function that gives its values as a list,
-    waiting only if the copy has not finished yet. On the CPU there is nothing to wait for."""
+    """Starts copying a device tensor to the host; returns a function that gives its values, waiting if need be."""
     if tensor.device.type != "cuda":
         values = tensor.tolist()
         return lambda: values
@@ -509,11 +489,11 @@ def read_later(tensor):
 
 
 def epochs_for_time(hours, train_seconds, steps_run, steps_per_epoch, eval_seconds, device, log):
-    """--time: the number of epochs that fit in `hours`, from the first epoch: its training time, measured per step
-    (a run resumed inside the epoch ran only some of them), and its evaluation time. The slowest process's time
-    decides, so that every process fits the same number and follows the same schedule."""
+    """--time: the number of epochs that fit in `hours`, from the first epoch's training (per step: a resumed run
+    ran only some) and evaluation time, the slowest process's, so that all follow the same schedule."""
     epoch_seconds = train_seconds / steps_run * steps_per_epoch + eval_seconds
-    epoch_seconds = utils.all_reduce_max(torch.tensor(epoch_seconds, dtype=torch.float64, device=device)).item()
+    epoch_seconds = torch.tensor(epoch_seconds, dtype=torch.float64, device=device)
+    epoch_seconds = utils.all_reduce(epoch_seconds, ReduceOp.MAX).item()
     epochs = max(1, int(hours * 3600 / epoch_seconds))
     log(f"--time {hours:g} h: {epoch_seconds:.2f} s per epoch (training measured over {steps_run} of {steps_per_epoch} "
         f"steps), so {epochs} epochs; the schedule follows")
@@ -527,14 +507,14 @@ def exit_for_resume(where, output_dir, log):
 
 
 class Progress:
-    """One live line per epoch, redrawn in place about once a second on a terminal (each redraw reads
-    the loss from the device: a sync point); only its final state goes to the log."""
+    """One live line per epoch, redrawn in place about once a second on a terminal; its final state is logged."""
+    # each redraw reads the loss from the device: a sync point, once a second
 
     def __init__(self, epoch, epochs, steps, first_step, log):
         self.head, self.steps, self.first_step, self.log = f"epoch {epoch + 1}/{epochs}", steps, first_step, log
         self.live = sys.stdout.isatty()
         self.start = self.last_draw = time.perf_counter()
-        self.seen, self.data_wait = 0, 0.0
+        self.data_wait = 0.0
 
     def timed(self, read, batches):
         """A batch, counting the time spent waiting for it."""
@@ -543,11 +523,12 @@ class Progress:
         self.data_wait += time.perf_counter() - wait
         return batch
 
-    def line(self, step, loss_sum, lr):
+    def line(self, step, sums, lr):
+        loss_sum, _, _, seen = sums.tolist()  # this process's: loss, right answers, non-finite steps, images
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step - self.first_step, 1) * (self.steps - step)
-        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(self.seen, 1):.4f}  lr {lr:.4g}  "
-                f"{self.seen / elapsed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
+        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum / max(seen, 1):.4f}  lr {lr:.4g}  "
+                f"{seen / elapsed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
                 f"eta {timedelta(seconds=round(eta))}")
 
     def update(self, *state):
@@ -565,29 +546,19 @@ class Progress:
 # checkpoints and results
 
 def make_checkpoint(model, ema_model, optimizer, scaler, args, classes, preprocess, epoch, step, best, metrics=None):
-    """Everything needed to continue the run or to use the model alone. No RNG state is needed: every random draw
-    is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index). best: (score, epoch)."""
-    return {
-        "model": utils.unwrap_state_dict(model.state_dict()),
-        "model_ema": utils.unwrap_state_dict(ema_model.state_dict()) if ema_model is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,  # epochs completed
-        "step": step,  # optimizer steps completed
-        "best_score": best[0],
-        "best_epoch": best[1],
-        "metrics": metrics,
-        "world_size": utils.get_world_size(),
-        "args": vars(args),
-        "model_name": args.model,
-        "classes": classes,
-        "preprocess": preprocess,
-    }
+    """Everything needed to continue the run or to use the model alone. best: (score, epoch). epoch and step count
+    those completed."""
+    # no RNG state: every random draw is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index)
+    return {"model": utils.unwrap_state_dict(model.state_dict()),
+            "model_ema": utils.unwrap_state_dict(ema_model.state_dict()) if ema_model is not None else None,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+            "best_score": best[0], "best_epoch": best[1], "metrics": metrics, "world_size": utils.get_world_size(),
+            "args": vars(args), "model_name": args.model, "classes": classes, "preprocess": preprocess}
 
 
 def save_checkpoints(checkpoint, output_dir, is_best=False, save_period=0):
-    """last.pt, and best.pt and epoch<N>.pt when due; best.pt first, so last.pt never records a best that best.pt
-    lacks. A checkpoint with metrics is an epoch's end."""
+    """last.pt, and best.pt and epoch<N>.pt when due (a checkpoint with metrics is an epoch's end)."""
+    # best.pt first, so last.pt never records a best that best.pt lacks
     if is_best:
         utils.save_checkpoint(checkpoint, output_dir / "best.pt")
     if checkpoint["metrics"] is not None and save_period and checkpoint["epoch"] % save_period == 0:
@@ -596,9 +567,9 @@ def save_checkpoints(checkpoint, output_dir, is_best=False, save_period=0):
 
 
 def save_first_batch(loader, mix, classes, args, device, path, count=32):
-    """train_batch.jpg: the first images the model trains on, after augmentation and MixUp/CutMix (drawn as the
-    first step draws them: MixUp and CutMix are linear, so mixing before normalising gives the same pixels), each
-    with its label; a mixed label names its two largest shares."""
+    """train_batch.jpg: the first images the model trains on, augmented and mixed, each with its label (a mixed
+    label names its two largest shares)."""
+    # mixed as the first step mixes them: MixUp and CutMix are linear, so mixing before normalising is the same
     loader.sampler.set_epoch(0)
     images, targets = next(iter(loader))
     images = images.float()
@@ -651,8 +622,8 @@ def plot_run(output_dir, task, classes):
 
 @contextmanager
 def stop_on_signals():
-    """SIGTERM (a cluster preempting the job) and Ctrl-C set the event it gives: the loop finishes its step, saves,
-    then stops. The previous handlers come back at the end (train.main may run inside another program)."""
+    """SIGTERM (a cluster preempting the job) and Ctrl-C set the event it gives: the loop saves, then stops."""
+    # the previous handlers come back at the end: train.main may run inside another program
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -721,7 +692,8 @@ def train(args, stop):
 
     flags = StopFlags(stop, device, steps_per_epoch, f"Try a lower --lr (now {args.lr:g}), --clip-grad-norm 1, "
                                                      f"or --amp off (now {args.amp})")
-    ema_update = partial(update_ema, ema_model, model, args.model_ema_decay) if ema_model is not None else None
+    ema_update = (partial(update_ema, ema_model, model, args.model_ema_decay) if ema_model is not None
+                  else lambda step: None)
     while epoch < epochs:  # `while`: --time and --patience decide the number of epochs on the way
         model.train()
         keep_frozen_in_eval(frozen)  # after train(), which would wake them

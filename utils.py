@@ -5,7 +5,6 @@ Plain functions, no state of their own: each script calls what it needs from mai
 import datetime
 import math
 import os
-import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -47,8 +46,8 @@ def default_device():
 
 
 def cleanup_distributed():
-    """Ends the process group once every process is done with it (tearing it down while a peer still talks to it
-    can abort the process)."""
+    """Ends the process group once every process is done with it."""
+    # the barrier: tearing the group down while a peer still talks to it can abort the process
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -62,17 +61,10 @@ def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def all_reduce_sum(tensor):
-    """Sums a tensor over processes in place (a no-op on one process). This is a sync point."""
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    """Sums (or takes the maximum of) a tensor over processes, in place; a no-op on one process. A sync point."""
     if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_max(tensor):
-    """Element-wise maximum over processes, in place (a no-op on one process). This is a sync point."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
     return tensor
 
 
@@ -86,17 +78,17 @@ def broadcast_object(value):
 
 
 def broadcast_buffers(module):
-    """Copies rank 0's buffers (BatchNorm statistics) to every process, so that all evaluate the model that rank 0
-    saves. DDP broadcasts them before each training forward, but each process's last forward changes its own."""
+    """Copies rank 0's buffers (BatchNorm statistics) to every process, so that all evaluate what rank 0 saves."""
+    # DDP broadcasts them before each training forward, but each process's last forward changes its own
     if dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
 
 
 def agree_on_failure(failed):
-    """Every process says whether it failed; all of them stop if any did. Called where one process works (builds
-    a cache) while the others wait for it: they learn of its error at once instead of waiting at a collective until
-    the timeout (NCCL does not notice a dead peer). Returns whether another process failed."""
+    """Every process says whether it failed; returns whether another one did."""
+    # called where one process works (builds a cache) while the others wait: they learn of its error at once
+    # instead of waiting at a collective until the timeout (NCCL does not notice a dead peer)
     if not dist.is_initialized():
         return False
     flags = torch.tensor([float(failed)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -123,8 +115,8 @@ def seed_from(*numbers):
 
 
 def seed_draws(seed, device_type="cpu"):
-    """Seeds the generators that a training step or an augmentation draws from: the CPU's, and the device's
-    (its current GPU). torch.manual_seed seeds every backend torch knows, ~100 us a call: too slow per image."""
+    """Seeds the generators that a training step or an augmentation draws from: the CPU's and the device's."""
+    # not torch.manual_seed: it seeds every backend torch knows, ~100 us a call, too slow per image
     torch.random.default_generator.manual_seed(seed)
     if device_type != "cpu":
         torch.get_device_module(device_type).manual_seed(seed)
@@ -137,8 +129,8 @@ def seed_everything(seed):
 
 @contextmanager
 def deterministic_mode(deterministic):
-    """cudnn autotuning picks the fastest kernels but not always the same ones: off when asked for repeatability.
-    The previous settings come back at the end (train.main may run inside another program)."""
+    """cudnn autotuning picks the fastest kernels but not always the same ones: off when asked for repeatability."""
+    # the previous settings come back at the end: train.main may run inside another program
     previous = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
@@ -188,10 +180,8 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path):
-    """Loads one of our checkpoints with weights_only=True: no pickled code in it can run.
-
-    Raises SystemExit with one clear line for a missing file, a file that is not a checkpoint,
-    or one that carries arbitrary objects."""
+    """Loads one of our checkpoints with weights_only=True (no pickled code in it can run), or exits with a line
+    that says why not."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: checkpoint {path} does not exist")
@@ -205,16 +195,6 @@ def load_checkpoint(path):
         raise SystemExit(f"error: {path} is not a checkpoint written by train.py "
                          "(expected a dict with 'model' and 'classes')")
     return checkpoint
-
-
-# -----------------------------------------------------------------------------
-# metrics: counts are accumulated on the device and read once at the end (no per-step sync)
-
-def topk_correct(logits, targets, ks):
-    """Number of samples whose target is among the top-k predictions, for each k, as a tensor."""
-    top = logits.topk(max(ks), dim=1).indices
-    hits = top == targets[:, None]
-    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
 
 
 # -----------------------------------------------------------------------------
@@ -240,10 +220,6 @@ def format_table(rows, header):
     return "\n".join(lines)
 
 
-def stderr(message):
-    print(message, file=sys.stderr, flush=True)
-
-
 # -----------------------------------------------------------------------------
 # plots, drawn with Pillow alone: training curves and the confusion matrix
 
@@ -251,8 +227,7 @@ COLORS = {"train": (31, 119, 180), "val": (255, 127, 14)}
 
 
 def plot_results(rows, path, val_score="val_top1"):
-    """results.png: loss, and top-1 (val: `val_score`, F1 for multilabel) per epoch, train and val, from
-    results.csv's rows (dicts of strings)."""
+    """results.png: loss and top-1 (val: `val_score`) per epoch, from results.csv's rows (dicts of strings)."""
     from PIL import Image, ImageDraw
     image = Image.new("RGB", (1000, 440), "white")
     draw = ImageDraw.Draw(image)
@@ -266,8 +241,7 @@ def plot_results(rows, path, val_score="val_top1"):
 
 
 def nice_ticks(low, high, count=5, limits=None):
-    """About `count` round tick values (1, 2 or 5 times a power of ten apart) from below `low` to above `high`,
-    kept within `limits` (a percentage stays within 0-100)."""
+    """About `count` round ticks (1, 2 or 5 times a power of ten apart) around low..high, within `limits`."""
     if limits:
         low, high = max(low, limits[0]), min(high, limits[1])
     step = (high - low) / count or abs(high) / 10 or 1.0
@@ -310,8 +284,8 @@ def line_chart(draw, box, xs, series, title, limits=None):
 
 
 def save_image_grid(images, captions, path, columns=8):
-    """A JPEG of uint8 [N, 3, H, W] images in rows of `columns`, each with a caption of up to two lines below it;
-    small images are enlarged (nearest neighbour, so their pixels stay visible) to about 96 px."""
+    """A JPEG of uint8 [N, 3, H, W] images in rows of `columns`, each with a caption of up to two lines below it."""
+    # small images are enlarged to about 96 px, nearest neighbour, so their pixels stay visible
     from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default(size=11)
     n, _, h, w = images.shape
@@ -329,8 +303,7 @@ def save_image_grid(images, captions, path, columns=8):
 
 
 def plot_confusion(confusion, classes, path):
-    """confusion_matrix.png: each row (true class) normalised to sum to 1, white to dark blue, class names on
-    both axes; values written in the cells when they are large enough to hold them (up to ~30 classes)."""
+    """confusion_matrix.png: each row (true class) normalised, white to dark blue, class names on both axes."""
     from PIL import Image, ImageDraw, ImageFont
     n = len(classes)
     cell = max(12, min(60, 1200 // n))  # 2 classes: 60 px cells; 100 classes: 12 px

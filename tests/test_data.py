@@ -175,16 +175,15 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(image_folder, crop):
     assert not torch.equal(a[3], augmented([3], 2)[3])  # another epoch, another crop
     torch.manual_seed(0)
     assert torch.equal(before, torch.rand(1))  # the caller's random stream is left alone
-    sampler = data.make_epoch_sampler(len(train), 4, seed=0)
-    loader = data.Batches(images, np.arange(len(train)), [t for _, t in train], sampler, 4, CPU, transform, workers=2)
+    sampler = data.make_epoch_sampler(np.arange(len(train)), 4, seed=0)
+    loader = data.Batches(images, [t for _, t in train], sampler, 4, CPU, transform, workers=2)
     sampler.set_epoch(1)
     first, _ = next(iter(loader))  # read in a worker process
-    positions = list(sampler)[:4]
-    assert torch.equal(first, torch.stack(list(augmented(positions, 1).values())))
+    assert torch.equal(first, torch.stack(list(augmented(list(sampler)[:4], 1).values())))
 
 
 def test_two_processes_see_the_global_batch_of_one(image_folder):
-    dataset = list(range(48))
+    dataset = list(range(100, 148))  # sample indices
     one = data.EpochSampler(dataset, num_replicas=1, rank=0, seed=1)
     ranks = [data.EpochSampler(dataset, num_replicas=2, rank=r, seed=1) for r in range(2)]
     for sampler in [one, *ranks]:
@@ -195,6 +194,7 @@ def test_two_processes_see_the_global_batch_of_one(image_folder):
         assert sorted(single[8 * step:8 * step + 8]) == sorted(both)
     one.set_epoch(4, skip=5)
     assert list(one) == single[5:]  # a resume inside the epoch skips what was seen
+    assert sorted(single) == dataset
 
 
 def test_eval_shards_count_every_image_once(image_folder):
@@ -357,11 +357,11 @@ def test_cached_loaders_shard_and_batch(tmp_path):
     rows, targets = np.arange(len(samples)), [t for _, t in samples]
     seen = []
     for rank in (0, 1):
-        for batch, labels in data.Batches(images, rows, targets, range(rank, len(rows), 2), 4, CPU):
+        for batch, labels in data.Batches(images, targets, range(rank, len(rows), 2), 4, CPU):
             assert batch.dtype == torch.uint8 and batch.shape[1:] == (3, 32, 32)
             seen += labels.tolist()
     assert sorted(seen) == sorted(targets)  # every image once, none padded in
-    sampler = data.make_epoch_sampler(len(rows), 4, seed=0)
-    train = data.Batches(images, rows, targets, sampler, 4, CPU, augment("padded"), drop_last=True)
+    sampler = data.make_epoch_sampler(rows, 4, seed=0)
+    train = data.Batches(images, targets, sampler, 4, CPU, augment("padded"), drop_last=True)
     sampler.set_epoch(1)
     assert len(train) == 15 // 4 == len(list(train))
