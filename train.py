@@ -35,7 +35,8 @@ from evaluate import EVALUATE
 from model import build_model, check_model_name, freeze, keep_frozen_in_eval, list_models, set_head_dropout
 
 # defaults that depend on the optimizer: SGD and AdamW want learning rates 100x apart
-OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "wd": 5e-4}, "adamw": {"lr": 1e-3, "wd": 0.05}}
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "wd": 5e-4}, "adamw": {"lr": 1e-3, "wd": 0.05},
+                      "muon": {"lr": 0.05, "wd": 5e-4}}
 RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of images with every label right
     "single": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds",
                "images_per_s"],
@@ -89,13 +90,17 @@ def get_args_parser():
     p.add_argument("-b", "--batch-size", type=int, default=64, help="images per process per step (default: 64)")
     p.add_argument("--accum-steps", type=int, default=1, help="steps per optimizer update (default: 1)")
     p.add_argument("--opt", default="sgd", choices=list(OPTIMIZER_DEFAULTS),
-                   help="Nesterov SGD or AdamW (default: sgd)")
+                   help="Nesterov SGD, AdamW, or Muon on filters and SGD on the rest (default: sgd)")
+    p.add_argument("--muon-lr", type=float, default=0.24, help="--opt muon: peak lr of the filters (default: 0.24)")
+    p.add_argument("--muon-momentum", type=float, default=0.6, help="--opt muon: the filters' momentum (default: 0.6)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float,
                    help="weight decay, not on norms and biases (default: 5e-4 sgd, 0.05 adamw)")
     p.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup from 0, in epochs (default: 1)")
     p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the last step (default: 0)")
+    p.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "linear"],
+                   help="decay after the warmup (default: cosine)")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     p.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this (default: off)")
     p.add_argument("--tta", action="store_true", help="evaluate with flips (and shifts) each epoch; best.pt follows it")
@@ -270,20 +275,30 @@ def make_model(args, num_classes, world_size, log):
 # -----------------------------------------------------------------------------
 # optimisation: the learning rate is a pure function of the step
 
-def lr_at(step, total_steps, warmup_steps, base_lr, min_lr):
-    """Linear warmup to base_lr at step warmup_steps - 1, then cosine decay to min_lr at step total_steps - 1."""
+def lr_at(step, total_steps, warmup_steps, base_lr, min_lr, decay="cosine"):
+    """Linear warmup to base_lr at step warmup_steps - 1, then cosine (or linear) decay to min_lr at step
+    total_steps - 1."""
     peak = max(warmup_steps - 1, 0)
     if step < peak:
         return base_lr * (step + 1) / warmup_steps
-    progress = (step - peak) / max(1, total_steps - 1 - peak)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - peak) / max(1, total_steps - 1 - peak))
+    remaining = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+    return min_lr + (base_lr - min_lr) * remaining
 
 
 def make_optimizer(model, args, device):
-    """No weight decay on norm weights and biases (every 0- or 1-dimensional parameter)."""
+    """Nesterov SGD, AdamW, or Muon on the filters of convolutions and hidden linear layers with Nesterov SGD on
+    the rest. No weight decay on norm weights and biases (every 0- or 1-dimensional parameter)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "muon":
+        heads = [m.weight for m in model.modules() if isinstance(m, nn.Linear)][-1:]  # the last layer is no filter
+        filters = [p for p in decay if not any(p is head for head in heads)]
+        groups[0]["params"] = [p for p in decay if any(p is head for head in heads)]
+        groups.append({"params": filters, "weight_decay": 0.0, "orthogonalize": True, "momentum": args.muon_momentum,
+                       "lr_scale": args.muon_lr / args.lr})  # set_lr gives it the schedule's lr times this
+        return Muon(groups, lr=args.lr, momentum=args.momentum)
     # fused kernels (one launch for all parameters, and the GradScaler's skip decided on the device) on CUDA,
     # foreach (vectorised) elsewhere
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -295,6 +310,59 @@ def make_optimizer(model, args, device):
     for p in decay + no_decay:
         optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return optimizer
+
+
+def orthogonalize(matrix, steps=5):
+    """About the nearest semi-orthogonal matrix (singular values near 1), by a quintic Newton-Schulz iteration."""
+    # float32, not the bfloat16 of Muon's authors: the iteration magnifies rounding, and 2 processes must reach
+    # what 1 does (for our layer sizes float32 costs next to nothing)
+    a, b, c = 3.4445, -4.7750, 2.0315  # the coefficients that raise small singular values fastest
+    x = matrix.float() / (matrix.norm() + 1e-7)  # every singular value in [0, 1]
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov SGD; in the groups marked "orthogonalize" (Muon, Keller Jordan 2024) each matrix's update is
+    orthogonalised (a 4-D filter as its [out, in*k*k] matrix) and the matrix keeps the norm it started with."""
+    # our own few lines rather than torch.optim.Muon: that takes 2-D parameters only, and filters stay 4-D here (in
+    # the model, its checkpoints and its EMA). The fixed norm is airbench's weight normalisation: before a norm
+    # layer a filter's scale does nothing, and its step stays the same share of it all run.
+    _step_supports_amp_scaling = True  # the GradScaler hands over grad_scale and found_inf: no host sync per step
+
+    def __init__(self, groups, lr, momentum):
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "orthogonalize": False})
+
+    @torch.no_grad()
+    def step(self):
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad if grad_scale is None else p.grad / grad_scale for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            buffers = [self.state[p].get("momentum_buffer", torch.zeros_like(p)) for p in params]
+            buffers = torch._foreach_add(torch._foreach_mul(buffers, group["momentum"]), grads)
+            updates = torch._foreach_add(grads, buffers, alpha=group["momentum"])  # Nesterov
+            start = params
+            if group["orthogonalize"]:
+                updates = [orthogonalize(u.flatten(1)).view_as(u) * max(1, len(u) / u[0].numel()) ** 0.5
+                           for u in updates]
+                # each matrix back to the norm it started with, then the step: airbench's order
+                start = [p * (self.state[p].setdefault("norm", p.norm()) / p.norm()) for p in params]
+            stepped = torch._foreach_add(start, updates, alpha=-group["lr"])
+            for p, buffer, new in zip(params, buffers, stepped):
+                if found_inf is not None:  # the GradScaler found an inf or NaN gradient: skip, on the device
+                    buffer = torch.where(found_inf > 0, self.state[p].get("momentum_buffer", 0.0), buffer)
+                    new = torch.where(found_inf > 0, p, new)
+                self.state[p]["momentum_buffer"] = buffer
+                p.copy_(new)
 
 
 def make_scaler(amp, device):
@@ -425,7 +493,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
@@ -698,7 +766,7 @@ def train(args, stop):
         model.train()
         keep_frozen_in_eval(frozen)  # after train(), which would wake them
         lr_of_step = partial(lr_at, total_steps=epochs * steps_per_epoch, base_lr=args.lr, min_lr=args.lr_min,
-                             warmup_steps=round(args.lr_warmup_epochs * steps_per_epoch))
+                             warmup_steps=round(args.lr_warmup_epochs * steps_per_epoch), decay=args.lr_scheduler)
         first_step = step
         step, stats = train_one_epoch(
             train_model, criterion, optimizer, scaler, train_loader, epoch, step, args, device, epochs=epochs,

@@ -376,24 +376,48 @@ def test_compiled_model_saves_plain_weights(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("opt", ["sgd", "adamw", "muon"])
 def test_step_with_non_finite_gradients_is_skipped(opt, amp):
     """The scaler skips the update (weights and optimizer state untouched), also with bf16 and fp32."""
-    import argparse
-    model = torch.nn.Linear(3, 2)
-    args = argparse.Namespace(opt=opt, lr=0.1, momentum=0.9, wd=0.01)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # muon: a hidden layer and a head
+    args = train.parse_args(["--opt", opt, "--lr", "0.1", "--wd", "0.01"])
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     scaler = train.make_scaler(amp, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for _ in range(3):
+    for clip in (1.0, None, None):  # unscaled before the step (to clip), or in it
         scaler.scale(model(torch.tensor([[1.0, float("nan"), 0.0]])).sum()).backward()
-        train.optimizer_step(model, optimizer, scaler, clip_grad_norm=1.0, fixed_scale=amp != "fp16")
+        train.optimizer_step(model, optimizer, scaler, clip_grad_norm=clip, fixed_scale=amp != "fp16")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.get_scale() == (1.0 if amp == "bf16" else 2.0**16 / 8)  # a fixed scale stays 1; fp16's backs off
     assert all(torch.isfinite(t).all() for s in optimizer.state.values() for t in s.values())
     scaler.scale(model(torch.ones(1, 3)).sum()).backward()  # a good step after it updates as usual
     train.optimizer_step(model, optimizer, scaler, fixed_scale=amp != "fp16")
-    assert not torch.equal(before["weight"], model.weight) and torch.isfinite(model.weight).all()
+    for key, value in model.state_dict().items():
+        assert not torch.equal(before[key], value) and torch.isfinite(value).all(), key
+
+
+def test_muon_orthogonalises_the_update_of_a_convolution_filter():
+    """A Muon step on a 4-D filter: the update, seen as its [out, in*k*k] matrix, has every singular value near 1
+    although the gradient's are spread widely; the filter keeps its norm."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    args = train.parse_args(["--opt", "muon", "--muon-momentum", "0"])
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    filters = model[0].weight
+    assert [g for g in optimizer.param_groups if g["orthogonalize"]][0]["params"] == [filters]
+    u, v = torch.linalg.qr(torch.randn(16, 16))[0], torch.linalg.qr(torch.randn(72, 16))[0]
+    gradient = u @ torch.diag(torch.logspace(0, -2, 16)) @ v.T  # singular values from 1 down to 0.01
+    filters.grad = gradient.view(16, 8, 3, 3)
+    before = filters.detach().clone()
+    train.set_lr(optimizer, 0.05)  # the filters' group: 0.05 x muon_lr / lr
+    optimizer.step()
+    step = (before - filters.detach()).flatten(1) / (0.05 * optimizer.param_groups[-1]["lr_scale"])
+    spread = torch.linalg.svdvals(gradient)
+    values = torch.linalg.svdvals(step)
+    assert spread.max() / spread.min() > 99 and 0.6 < values.min() and values.max() < 1.2, values
+    for _ in range(20):  # each step starts from the filter brought back to its first norm: it does not grow
+        filters.grad = torch.randn_like(filters)
+        optimizer.step()
+    assert before.norm() < filters.norm() < 1.2 * before.norm()
 
 
 def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(trained_run, image_folder, tmp_path):
