@@ -293,9 +293,10 @@ def make_optimizer(model, args, device):
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
     if args.opt == "muon":
-        heads = [m.weight for m in model.modules() if isinstance(m, nn.Linear)][-1:]  # the last layer is no filter
-        filters = [p for p in decay if not any(p is head for head in heads)]
-        groups[0]["params"] = [p for p in decay if any(p is head for head in heads)]
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1].weight if linears else None  # the last layer is no filter
+        filters = [p for p in decay if p is not head]
+        groups[0]["params"] = [p for p in decay if p is head]
         groups.append({"params": filters, "weight_decay": 0.0, "orthogonalize": True, "momentum": args.muon_momentum,
                        "lr_scale": args.muon_lr / args.lr})  # set_lr gives it the schedule's lr times this
         return Muon(groups, lr=args.lr, momentum=args.momentum)
@@ -355,7 +356,8 @@ class Muon(torch.optim.Optimizer):
                 updates = [orthogonalize(u.flatten(1)).view_as(u) * max(1, len(u) / u[0].numel()) ** 0.5
                            for u in updates]
                 # each matrix back to the norm it started with, then the step: airbench's order
-                start = [p * (self.state[p].setdefault("norm", p.norm()) / p.norm()) for p in params]
+                norms = [p.norm() for p in params]
+                start = [p * (self.state[p].setdefault("norm", norm) / norm) for p, norm in zip(params, norms)]
             stepped = torch._foreach_add(start, updates, alpha=-group["lr"])
             for p, buffer, new in zip(params, buffers, stepped):
                 if found_inf is not None:  # the GradScaler found an inf or NaN gradient: skip, on the device
@@ -448,7 +450,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
     done = step - epoch * steps_per_epoch  # steps of this epoch already taken before a resume
     # the order is a function of (seed, epoch): skipping the batches already seen gives the remaining ones
     loader.sampler.set_epoch(epoch, skip=done * args.accum_steps * args.batch_size)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, right answers, non-finite micro-steps, images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, right answers, micro-steps with a non-finite loss
     bad_run = torch.zeros((), dtype=torch.int64, device=device)  # the latest non-finite ones in a row
     progress = Progress(epoch, epochs, steps_per_epoch, done, log)
     batches = iter(loader)
@@ -469,22 +471,22 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
         # a non-finite loss is counted here, on the device; the scaler skips its step in optimizer_step
         loss, finite = loss.detach(), torch.isfinite(loss.detach())
         bad_run = (bad_run + 1) * ~finite
-        sums += torch.stack([torch.where(finite, loss, 0.0) * len(labels), count_hits(logits, labels), ~finite,
-                             torch.full_like(loss, len(labels))])
+        sums += torch.stack([torch.where(finite, loss, 0.0) * len(labels), count_hits(logits, labels), ~finite])
+        progress.seen += len(labels)
         if not update:
             continue
         lr = set_lr(optimizer, lr_of_step(step))
         optimizer_step(model, optimizer, scaler, args.clip_grad_norm, fixed_scale=args.amp != "fp16")
         step += 1
         ema_update(step)
-        progress.update(step - epoch * steps_per_epoch, sums, lr)
+        progress.update(step - epoch * steps_per_epoch, sums[0], lr)
         end = step == (epoch + 1) * steps_per_epoch
         stop = flags.check(step, bad_run, force=end)
         if end or stop:
             break  # at the epoch's end, evaluation and the epoch's checkpoint come next, in train()
         if args.save_every_steps and step % args.save_every_steps == 0:
             save(epoch, step)
-    progress.finish(step - epoch * steps_per_epoch, sums, lr)
+    progress.finish(step - epoch * steps_per_epoch, sums[0], lr)
     if not end:  # stopped inside the epoch
         save(epoch, step)
         return step, None
@@ -507,7 +509,8 @@ def count_hits(logits, labels):
 
 def epoch_stats(sums, progress, lr, batch_size, epoch, log):
     """The epoch's loss, top-1 and speed, over all processes: a sync point, once per epoch."""
-    loss_sum, hits, bad, seen = utils.all_reduce(sums.clone()).tolist()
+    seen = torch.tensor([progress.seen], dtype=torch.float64, device=sums.device)
+    loss_sum, hits, bad, seen = utils.all_reduce(torch.cat([sums, seen])).tolist()
     if bad:
         log(f"warning: {bad:.0f} step(s) of epoch {epoch + 1} had a non-finite loss and were skipped")
     seconds = time.perf_counter() - progress.start
@@ -582,7 +585,7 @@ class Progress:
         self.head, self.steps, self.first_step, self.log = f"epoch {epoch + 1}/{epochs}", steps, first_step, log
         self.live = sys.stdout.isatty()
         self.start = self.last_draw = time.perf_counter()
-        self.data_wait = 0.0
+        self.seen, self.data_wait = 0, 0.0
 
     def timed(self, read, batches):
         """A batch, counting the time spent waiting for it."""
@@ -591,12 +594,11 @@ class Progress:
         self.data_wait += time.perf_counter() - wait
         return batch
 
-    def line(self, step, sums, lr):
-        loss_sum, _, _, seen = sums.tolist()  # this process's: loss, right answers, non-finite steps, images
+    def line(self, step, loss_sum, lr):
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step - self.first_step, 1) * (self.steps - step)
-        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum / max(seen, 1):.4f}  lr {lr:.4g}  "
-                f"{seen / elapsed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
+        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(self.seen, 1):.4f}  lr {lr:.4g}  "
+                f"{self.seen / elapsed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
                 f"eta {timedelta(seconds=round(eta))}")
 
     def update(self, *state):
