@@ -532,7 +532,7 @@ def make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
         (train_images, train_rows), (val_images, val_rows) = [
             (DecodedImages(samples, *layout, args.strict), np.arange(len(samples))) for samples, layout in splits]
     augment = partial(augment_batch, seed=args.seed, crop=args.train_crop, size=args.img_size,
-                      padding=args.img_size // 8 if args.crop_padding is None else args.crop_padding,
+                      padding=args.img_size // 16 if args.crop_padding is None else args.crop_padding,
                       min_scale=args.min_scale, auto_augment=args.auto_augment, random_erase=args.random_erase)
     sampler = make_epoch_sampler(train_rows, args.batch_size, args.seed, rank, world_size)
     # drop_last keeps every step the same size: no tiny last batch with noisy BatchNorm statistics

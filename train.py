@@ -32,11 +32,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import utils
 from evaluate import EVALUATE
-from model import build_model, check_model_name, freeze, keep_frozen_in_eval, list_models, set_head_dropout
+from model import (OWN_MODELS, build_model, check_model_name, freeze, keep_frozen_in_eval, list_models,
+                   set_head_dropout)
 
-# defaults that depend on the optimizer: SGD and AdamW want learning rates 100x apart
-OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.05, "wd": 5e-4}, "adamw": {"lr": 1e-3, "wd": 0.05},
-                      "muon": {"lr": 0.05, "wd": 5e-4}}
+# the defaults of each optimizer's recipe, for the flags not given. Muon's is airbench94's (at batch 1024: its
+# learning rates for our mean loss, 0.7x those of its batch 2000, and its momentum 0.7), for our smallnet.
+# Learning rates are for `batch` images per update; other batch sizes scale them by (batch / that), or its square
+# root for the optimizers whose step size does not follow the gradient's (timm's rule).
+RECIPES = {
+    "sgd": dict(lr=0.05, wd=5e-4, momentum=0.9, batch=64, lr_scaling="linear", lr_scheduler="cosine",
+                lr_warmup_epochs=1.0, label_smoothing=0.1),
+    "adamw": dict(lr=1e-3, wd=0.05, batch=64, lr_scaling="sqrt", lr_scheduler="cosine", lr_warmup_epochs=1.0,
+                  label_smoothing=0.1),
+    "muon": dict(lr=0.6, wd=3e-6, momentum=0.85, muon_lr=0.168, muon_momentum=0.7, batch=1024, lr_scaling="sqrt",
+                 lr_scheduler="linear", lr_warmup_epochs=0.0, label_smoothing=0.2),
+}
+SMALL_SET = 10_000  # fewer training images than this: suggest --pretrained for a torchvision model
+MIN_STEPS_PER_EPOCH = 16  # the default batch size shrinks (to a power of 2) to give small datasets this many
 RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of images with every label right
     "single": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds",
                "images_per_s"],
@@ -68,7 +80,7 @@ def get_args_parser():
     p.add_argument("--crop-pct", type=float, help="eval crop / resized side (default: 1 to 64 px, else 0.875)")
     p.add_argument("--train-crop", choices=["resized", "padded"],
                    help="random crop (default: padded to 64 px, else resized)")
-    p.add_argument("--crop-padding", type=int, help="padded crop: largest shift in px (default: size / 8)")
+    p.add_argument("--crop-padding", type=int, help="padded crop: largest shift in px (default: size / 16)")
     p.add_argument("--min-scale", type=float, default=0.25, help="least area share of a resized crop (default: 0.25)")
     p.add_argument("--auto-augment", choices=list(data.AUTO_AUGMENT), help="auto-augment policy (default: none)")
     p.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability (default: 0)")
@@ -87,21 +99,23 @@ def get_args_parser():
     p.add_argument("--dropout", type=float, help="dropout before the head (default: the model's own)")
     # optimisation
     p.add_argument("--epochs", type=int, default=10, help="number of epochs (default: 10)")
-    p.add_argument("-b", "--batch-size", type=int, default=64, help="images per process per step (default: 64)")
+    p.add_argument("-b", "--batch-size", type=int,
+                   help=f"images per process per step (default: the recipe's, <= 1/{MIN_STEPS_PER_EPOCH} of the set)")
     p.add_argument("--accum-steps", type=int, default=1, help="steps per optimizer update (default: 1)")
-    p.add_argument("--opt", default="sgd", choices=list(OPTIMIZER_DEFAULTS),
-                   help="Nesterov SGD, AdamW, or Muon on filters and SGD on the rest (default: sgd)")
-    p.add_argument("--muon-lr", type=float, default=0.24, help="--opt muon: peak lr of the filters (default: 0.24)")
-    p.add_argument("--muon-momentum", type=float, default=0.6, help="--opt muon: the filters' momentum (default: 0.6)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.05 for sgd, 1e-3 for adamw)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--opt", choices=list(RECIPES),
+                   help="Nesterov SGD, AdamW, or Muon on filters and SGD on the rest (default: muon for smallnet, "
+                        "else sgd); its recipe (RECIPES) sets the defaults of the flags below")
+    p.add_argument("--muon-lr", type=float, help="--opt muon: peak lr of the filters (default: 0.168 at b1024)")
+    p.add_argument("--muon-momentum", type=float, help="--opt muon: the filters' momentum (default: 0.7)")
+    p.add_argument("--lr", type=float, help="peak lr (default: sgd 0.05 at batch 64, adamw 1e-3, muon 0.6 at 1024)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9, muon's SGD 0.85)")
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float,
-                   help="weight decay, not on norms and biases (default: 5e-4 sgd, 0.05 adamw)")
-    p.add_argument("--lr-warmup-epochs", type=float, default=1.0, help="linear warmup from 0, in epochs (default: 1)")
+                   help="weight decay, not on norms and biases (default: sgd 5e-4, adamw 0.05, muon 3e-6)")
+    p.add_argument("--lr-warmup-epochs", type=float, help="linear warmup from 0, in epochs (default: 1, muon 0)")
     p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the last step (default: 0)")
-    p.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "linear"],
-                   help="decay after the warmup (default: cosine)")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    p.add_argument("--lr-scheduler", choices=["cosine", "linear"],
+                   help="decay after the warmup (default: cosine, muon: linear)")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing (default: 0.1, muon 0.2)")
     p.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this (default: off)")
     p.add_argument("--tta", action="store_true", help="evaluate with flips (and shifts) each epoch; best.pt follows it")
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights: evaluated and saved for use")
@@ -135,7 +149,7 @@ def parse_args(argv=None):
             parser.error(f"--resume: {args.resume} does not exist")
         return args
     for name in ("epochs", "batch_size", "accum_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("workers", "freeze", "patience", "save_period", "save_every_steps"):
         if (getattr(args, name) or 0) < 0:
@@ -154,9 +168,6 @@ def parse_args(argv=None):
         parser.error("--val-fraction must be between 0 and 1")
     if args.model and check_model_name(args.model):
         parser.error(f"--model: {check_model_name(args.model)}")
-    for name, value in OPTIMIZER_DEFAULTS[args.opt].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
     return args
 
 
@@ -244,7 +255,32 @@ def load_data(args, output_dir, local_rank, world_size, log):
         settled["model"] = "smallnet" if img_size <= 64 else "resnet18"
         log(f"model: {settled['model']}, the default for {img_size} px images (--model)")
     settled.update(img_size=img_size, train_crop=args.train_crop or ("padded" if img_size <= 64 else "resized"))
+    model_name = settled.get("model", args.model)
+    if model_name not in OWN_MODELS and not (args.pretrained or args.weights) and len(train_samples) < SMALL_SET:
+        log(f"hint: {len(train_samples)} training images are few to train {model_name} from scratch; on photos, "
+            "--pretrained (torchvision's ImageNet weights) is what helps most")
+    settled.update(recipe_defaults(args, model_name, len(train_samples), world_size, log))
     return argparse.Namespace(**{**vars(args), **settled}), classes, train_samples, val_samples
+
+
+def recipe_defaults(args, model_name, train_images, world_size, log):
+    """The optimizer's recipe for the flags not given: the batch size, at most 1/MIN_STEPS_PER_EPOCH of the
+    training set, and the learning rates, scaled to the images per update."""
+    opt = args.opt or ("muon" if model_name in OWN_MODELS else "sgd")
+    recipe = RECIPES[opt]
+    settled = {"opt": opt, **{name: value for name, value in recipe.items() if getattr(args, name, 0) is None}}
+    if args.batch_size is None:
+        largest = train_images // (MIN_STEPS_PER_EPOCH * world_size * args.accum_steps)
+        settled["batch_size"] = max(1, min(recipe["batch"], 2 ** int(math.log2(max(largest, 1)))))
+    images_per_update = settled.get("batch_size", args.batch_size) * world_size * args.accum_steps
+    lr_factor = (images_per_update / recipe["batch"]) ** {"linear": 1.0, "sqrt": 0.5}[recipe["lr_scaling"]]
+    for name in ("lr", "muon_lr"):
+        if name in settled:
+            settled[name] *= lr_factor
+    flags = [f"--{name.replace('_', '-')} " + (f"{value:.3g}" if isinstance(value, float) else str(value))
+             for name, value in settled.items()]
+    log(f"recipe: {' '.join(flags)} (the defaults of --opt {opt} for this data; a flag given overrides its default)")
+    return settled
 
 
 def count_steps(train_loader, args, world_size, log):
@@ -288,17 +324,20 @@ def lr_at(step, total_steps, warmup_steps, base_lr, min_lr, decay="cosine"):
 
 def make_optimizer(model, args, device):
     """Nesterov SGD, AdamW, or Muon on the filters of convolutions and hidden linear layers with Nesterov SGD on
-    the rest. No weight decay on norm weights and biases (every 0- or 1-dimensional parameter)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    the rest. No weight decay on norm weights and biases (every 0- or 1-dimensional parameter). A parameter's
+    `lr_scale` attribute (our smallnet sets some) multiplies its learning rate."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = linears[-1].weight if linears else None  # the last layer is no filter
+    groups = {}
+    for p in (p for p in model.parameters() if p.requires_grad):
+        is_filter = args.opt == "muon" and p.ndim > 1 and p is not head
+        lr_scale = args.muon_lr / args.lr if is_filter else getattr(p, "lr_scale", 1.0)
+        key = (p.ndim > 1 and not is_filter, is_filter, lr_scale)
+        groups.setdefault(key, []).append(p)
+    groups = [{"params": params, "weight_decay": args.wd if decay else 0.0, "lr_scale": lr_scale}
+              | ({"orthogonalize": True, "momentum": args.muon_momentum} if is_filter else {})
+              for (decay, is_filter, lr_scale), params in groups.items()]  # set_lr: the schedule's lr x lr_scale
     if args.opt == "muon":
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        head = linears[-1].weight if linears else None  # the last layer is no filter
-        filters = [p for p in decay if p is not head]
-        groups[0]["params"] = [p for p in decay if p is head]
-        groups.append({"params": filters, "weight_decay": 0.0, "orthogonalize": True, "momentum": args.muon_momentum,
-                       "lr_scale": args.muon_lr / args.lr})  # set_lr gives it the schedule's lr times this
         return Muon(groups, lr=args.lr, momentum=args.momentum)
     # fused kernels (one launch for all parameters, and the GradScaler's skip decided on the device) on CUDA,
     # foreach (vectorised) elsewhere
@@ -308,8 +347,9 @@ def make_optimizer(model, args, device):
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, **fast)
     # momentum buffers start at zero, which gives the same first step as torch's own start (buffer = gradient);
     # fused SGD would otherwise leave them uninitialised when the first step is skipped
-    for p in decay + no_decay:
-        optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    for group in groups:
+        for p in group["params"]:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return optimizer
 
 

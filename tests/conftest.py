@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -24,6 +25,29 @@ def write_image_folder(root, classes=("circle", "square", "triangle"), n_train=1
             for i in range(count):
                 suffix = ".png" if i % 4 == 0 else ".jpg"
                 data.draw_shape(name, rng).save(folder / f"{i:03d}{suffix}")
+    return Path(root)
+
+
+def write_photo_folder(root, n_train=244, n_val=153, seed=0):
+    """root/{train,val}/<class>/*.jpg: photo-like images of mixed sizes (80-139 x 60-104 px): a smooth colour
+    background, a blurred red disc or blue square, sensor noise."""
+    from PIL import ImageDraw, ImageFilter
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        for i in range(count):
+            w, h = int(rng.integers(80, 140)), int(rng.integers(60, 105))
+            background = rng.integers(0, 256, (int(rng.integers(3, 8)), int(rng.integers(3, 8)), 3), dtype=np.uint8)
+            image = Image.fromarray(background).resize((w, h), Image.BICUBIC)
+            x, y, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, rng.uniform(0.15, 0.35) * min(w, h)
+            warm = (int(rng.integers(150, 256)), int(rng.integers(0, 120)), int(rng.integers(0, 120)))
+            draw = ImageDraw.Draw(image)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=warm) if i % 2 == 0 else draw.rectangle(
+                [x - r, y - r, x + r, y + r], fill=warm[::-1])
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2)))
+            pixels = np.asarray(image).astype(np.float32) + rng.normal(0, 12, (h, w, 3))
+            folder = Path(root) / split / ("red_disc" if i % 2 == 0 else "blue_square")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=85)
     return Path(root)
 
 

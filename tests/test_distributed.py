@@ -74,9 +74,7 @@ def test_two_processes_write_the_same_files(two_process_run, image_folder, tmp_p
     assert resumed.returncode != 0 and "2 process(es)" in resumed.stderr
 
 
-# Muon's orthogonalisation magnifies the float rounding of summing gradients in another order: after 6 steps the
-# weights differ by 1.3e-5 at its default --muon-lr 0.24 (steps of a quarter of each filter's norm), 5.6e-6 at 0.1
-@pytest.mark.parametrize("flags", [["--cache"], ["--no-cache", "--opt", "muon", "--muon-lr", "0.1"]])
+@pytest.mark.parametrize("flags", [["--cache", "--opt", "sgd"], ["--no-cache"]])  # smallnet's default: Muon
 def test_two_processes_follow_the_path_of_one(image_folder, tmp_path, flags):
     """2 processes x batch 4 and 1 process x batch 8 see the same images per step, augmented the same way (read
     from the cache or decoded per image), and average the same gradients (for SGD, and for Muon's updates)."""

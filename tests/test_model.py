@@ -84,3 +84,17 @@ def test_training_starts_from_a_stem_whitened_on_its_images(trained_run, image_f
     channels = out.permute(1, 0, 2, 3).reshape(out.shape[1], -1)[: out.shape[1] // 2]
     covariance = channels @ channels.T / channels.shape[1]
     assert torch.allclose(covariance, torch.eye(len(covariance)), atol=0.1)  # what whiten_stem set, not trained away
+
+
+def test_fresh_conv_groups_pass_their_input_through():
+    """airbench's dirac init: each group's first conv gives back its input on its first channels (times the
+    filter norm's factor), so after BatchNorm those channels are the input, normalised."""
+    net = model_lib.build_model("smallnet", 10).train()
+    for group in (net.group1, net.group2, net.group3):
+        conv, _, norm = list(group)[:3]
+        x = torch.randn(8, conv.in_channels, 8, 8)
+        with torch.no_grad():
+            passed = norm(conv(x))[:, :conv.in_channels]  # BatchNorm takes the filter norm's factor away
+            expected = torch.nn.functional.batch_norm(x, None, None, training=True, eps=norm.eps)
+        assert torch.allclose(passed, expected, atol=1e-4)
+        assert conv.weight.norm().item() == pytest.approx(conv.out_channels ** 0.5)

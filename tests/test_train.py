@@ -1,8 +1,8 @@
 """train.py, evaluate.py and predict.py as a user runs them: real files, real subprocesses."""
+import argparse
 import csv
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -168,15 +168,33 @@ def test_lr_schedule_is_warmup_then_cosine():
     assert train.lr_at(0, 10, 0, 1.0, 0.0) == 1.0 and train.lr_at(9, 10, 0, 1.0, 0.0) == 0.0  # no warmup
 
 
-def test_no_weight_decay_on_norms_and_biases():
+def recipe_args(*flags, model="smallnet_tiny"):
+    """parse_args, then the optimizer's recipe for the flags not given, as train.load_data settles them."""
+    args = train.parse_args(list(flags))
+    return argparse.Namespace(**{**vars(args), **train.recipe_defaults(args, model, 1024, 1, log=lambda *_: None)})
+
+
+def test_optimizer_groups_follow_the_recipe():
+    """No weight decay on norms and biases; smallnet's BatchNorm biases learn at 64x the lr and its head at 806x
+    (airbench's), with any optimizer; its BatchNorm scales are fixed; Muon (its default) takes the filters."""
     from model import build_model
     net = build_model("smallnet_tiny", 3)
-    args = train.parse_args(["--wd", "0.1"])
-    decay, no_decay = train.make_optimizer(net, args, torch.device("cpu")).param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    trainable = [p for p in net.parameters() if p.requires_grad]  # all but the fixed whitening stem
-    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable) == len(list(net.parameters())) - 1
+    trainable = [p for p in net.parameters() if p.requires_grad]  # not the whitening stem, not BatchNorm's scales
+    assert len(trainable) == len(list(net.parameters())) - 1 - 6
+    sgd = train.make_optimizer(net, recipe_args("--opt", "sgd", "--wd", "0.1"), torch.device("cpu"))
+    train.set_lr(sgd, 0.1)
+    filters, biases, head = sgd.param_groups
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.1, 0, 0.1]
+    assert [g["lr"] for g in sgd.param_groups] == pytest.approx([0.1, 6.4, 80.64])
+    assert all(p.ndim == 4 for p in filters["params"]) and all(p.ndim == 1 for p in biases["params"])
+    assert head["params"] == [net.fc.weight] and len(trainable) == sum(len(g["params"]) for g in sgd.param_groups)
+    args = recipe_args()
+    assert args.opt == "muon" and args.batch_size == 64 and args.lr == pytest.approx(0.6 * 0.25)  # sqrt(64 / 1024)
+    muon = train.make_optimizer(net, args, torch.device("cpu"))
+    train.set_lr(muon, args.lr)
+    (orthogonalized,) = [g for g in muon.param_groups if g["orthogonalize"]]
+    assert orthogonalized["params"] == filters["params"] and orthogonalized["lr"] == pytest.approx(args.muon_lr)
+    assert [g["lr"] / args.lr for g in muon.param_groups if not g["orthogonalize"]] == pytest.approx([64, 806.4])
 
 
 @pytest.fixture(scope="module")
@@ -279,11 +297,14 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(image_folder, tmp_path, uni
 
 def test_default_run_learns_the_shapes(tmp_path):
     """`python train.py` with no --data: writes the shapes dataset once and trains on it with every default
-    (smallnet, the cache); two epochs reach 95%, and predict.py names the right class as often as evaluation says."""
+    (smallnet, the cache, Muon); two epochs reach 95%, and predict.py names the right class as often as evaluation
+    says."""
     import evaluate
     import predict
     result = run_script("train.py", "--epochs", 2, cwd=tmp_path)
     assert "generated shapes" in result.stdout and "--cache on" in result.stdout and "model: smallnet," in result.stdout
+    # smallnet's recipe (Muon), its batch of 1024 cut to give 2,400 images 16 steps or more, its lrs scaled to it
+    assert "recipe: --opt muon --lr 0.212 " in result.stdout and " --batch-size 128 " in result.stdout
     val = tmp_path / "datasets" / "shapes" / "val"
     assert len(list(val.rglob("*.jpg"))) == 600
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -320,6 +341,20 @@ def test_default_model_learns_from_a_csv_whose_first_file_is_truncated(tmp_path)
     assert result.stdout.count("skipping 1 image file(s) that could not be decoded") == 2
     rows = read_results(tmp_path / "run")
     assert float(rows[-1]["train_top1"]) >= 90 and float(rows[-1]["val_top1"]) >= 95, rows
+
+
+def test_small_photo_set_trains_from_scratch_without_blowing_up(tmp_path):
+    """244 training / 153 val photos of mixed sizes, every default (resnet18 from scratch, 96 px). With a batch of 64
+    (3 steps per epoch) and its lr, train loss once spiked to 5.1 in epoch 2 and val loss reached 54 and 91; now the
+    batch gives 16+ steps per epoch, the lr is scaled to it, and the run suggests --pretrained."""
+    from conftest import write_photo_folder
+    result = run_script("train.py", "--data", write_photo_folder(tmp_path / "photos"), "--epochs", 3,
+                        "--output-dir", tmp_path / "run")
+    assert "model: resnet18," in result.stdout and "--batch-size 8 " in result.stdout
+    assert result.stdout.count("--pretrained (torchvision's ImageNet weights)") == 1
+    rows = read_results(tmp_path / "run")
+    assert all(float(r["train_loss"]) < 1 and float(r["val_loss"]) < 5 for r in rows), rows
+    assert float(rows[-1]["val_top1"]) >= 90
 
 
 def test_two_class_dataset_reports_top2(tmp_path):
@@ -380,7 +415,7 @@ def test_compiled_model_saves_plain_weights(image_folder, tmp_path):
 def test_step_with_non_finite_gradients_is_skipped(opt, amp):
     """The scaler skips the update (weights and optimizer state untouched), also with bf16 and fp32."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # muon: a hidden layer and a head
-    args = train.parse_args(["--opt", opt, "--lr", "0.1", "--wd", "0.01"])
+    args = recipe_args("--opt", opt, "--lr", "0.1", "--wd", "0.01")
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     scaler = train.make_scaler(amp, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -400,17 +435,18 @@ def test_muon_orthogonalises_the_update_of_a_convolution_filter():
     """A Muon step on a 4-D filter: the update, seen as its [out, in*k*k] matrix, has every singular value near 1
     although the gradient's are spread widely; the filter keeps its norm."""
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Flatten(), torch.nn.Linear(16, 2))
-    args = train.parse_args(["--opt", "muon", "--muon-momentum", "0"])
+    args = recipe_args("--opt", "muon", "--lr", "0.05", "--muon-lr", "0.24", "--muon-momentum", "0")
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     filters = model[0].weight
-    assert [g for g in optimizer.param_groups if g["orthogonalize"]][0]["params"] == [filters]
+    (orthogonalized,) = [g for g in optimizer.param_groups if g["orthogonalize"]]
+    assert orthogonalized["params"] == [filters]
     u, v = torch.linalg.qr(torch.randn(16, 16))[0], torch.linalg.qr(torch.randn(72, 16))[0]
     gradient = u @ torch.diag(torch.logspace(0, -2, 16)) @ v.T  # singular values from 1 down to 0.01
     filters.grad = gradient.view(16, 8, 3, 3)
     before = filters.detach().clone()
     train.set_lr(optimizer, 0.05)  # the filters' group: 0.05 x muon_lr / lr
     optimizer.step()
-    step = (before - filters.detach()).flatten(1) / (0.05 * optimizer.param_groups[-1]["lr_scale"])
+    step = (before - filters.detach()).flatten(1) / (0.05 * orthogonalized["lr_scale"])
     spread = torch.linalg.svdvals(gradient)
     values = torch.linalg.svdvals(step)
     assert spread.max() / spread.min() > 99 and 0.6 < values.min() and values.max() < 1.2, values
