@@ -331,7 +331,9 @@ def make_optimizer(model, args, device):
     groups = {}
     for p in (p for p in model.parameters() if p.requires_grad):
         is_filter = args.opt == "muon" and p.ndim > 1 and p is not head
-        lr_scale = args.muon_lr / args.lr if is_filter else getattr(p, "lr_scale", 1.0)
+        # the multipliers are for SGD steps, which grow with the gradient; AdamW's steps are about lr in size
+        own_scale = getattr(p, "lr_scale", 1.0) if args.opt != "adamw" else 1.0
+        lr_scale = args.muon_lr / args.lr if is_filter else own_scale
         key = (p.ndim > 1 and not is_filter, is_filter, lr_scale)
         groups.setdefault(key, []).append(p)
     groups = [{"params": params, "weight_decay": args.wd if decay else 0.0, "lr_scale": lr_scale}

@@ -183,8 +183,10 @@ def measure(name, args, data_dir, out_dir):
         return float(output.strip().splitlines()[-1]), peak
     run_dir = out_dir / name
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if name == "cache-ddp" else []
-    cmd = [sys.executable, *launcher, str(ROOT / "train.py"), "--data", str(data_dir), *common, "--epochs",
-           str(args.epochs), "--no-cache" if name == "per-image" else "--cache", "--output-dir", str(run_dir)]
+    # --opt sgd: the optimizer of the bare loop, so that what differs is the data pipeline
+    cmd = [sys.executable, *launcher, str(ROOT / "train.py"), "--data", str(data_dir), *common, "--opt", "sgd",
+           "--epochs", str(args.epochs), "--no-cache" if name == "per-image" else "--cache",
+           "--output-dir", str(run_dir)]
     if name == "per-image" and args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     output, peak = run_measured(cmd)
