@@ -120,6 +120,7 @@ def get_args_parser():
     p.add_argument("--tta", action="store_true", help="evaluate with flips (and shifts) each epoch; best.pt follows it")
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights: evaluated and saved for use")
     p.add_argument("--model-ema-decay", type=float, default=0.999, help="EMA decay per optimizer step (default: 0.999)")
+    p.add_argument("--lookahead", action="store_true", help="every 5 steps pull the weights back toward their average")
     # speed and numerics
     p.add_argument("--amp", default="bf16", choices=list(utils.AMP_DTYPES), help="autocast dtype (default: bf16)")
     p.add_argument("--channels-last", action=bool_flag, default=True, help="NHWC memory format (default: on)")
@@ -439,6 +440,19 @@ def update_ema(ema_model, model, decay, step):
         ema_buffer.copy_(buffer)  # BatchNorm statistics: take the model's own
 
 
+@torch.no_grad()
+def lookahead(optimizer, step, total_steps, every=5):
+    """Lookahead (Zhang et al. 2019) as airbench94 runs it: every `every` steps the weights move to their slow
+    average, which follows them ever more slowly (decay 0 at the start, 0.95 ** every at the end)."""
+    if step % every and step != total_steps:
+        return
+    decay = 0.95 ** every * (step / total_steps) ** 3
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            slow = optimizer.state[p].setdefault("lookahead", p.detach().clone())  # in the optimizer's checkpoint
+            p.copy_(slow.lerp_(p, 1 - decay))
+
+
 def make_ema(model, args, num_classes, device):
     if not args.model_ema:
         return None
@@ -483,7 +497,7 @@ def log_epoch(epoch, epochs, stats, metrics, is_best, output_dir, task, log):
 # one epoch
 
 def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, args, device, *, epochs, normalize, mix,
-                    lr_of_step, ema_update, no_sync, flags, save, log):
+                    lr_of_step, after_step, no_sync, flags, save, log):
     """Trains epoch `epoch` from optimizer step `step` (mid-epoch after a resume) to its end, or until a stop is
     asked for. Returns the step reached and the epoch's stats (None if stopped)."""
     # losses and hits are summed on the device and read only when the progress line is redrawn: the loop itself
@@ -520,7 +534,7 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
         lr = set_lr(optimizer, lr_of_step(step))
         optimizer_step(model, optimizer, scaler, args.clip_grad_norm, fixed_scale=args.amp != "fp16")
         step += 1
-        ema_update(step)
+        after_step(step)
         progress.update(step - epoch * steps_per_epoch, sums[0], lr)
         end = step == (epoch + 1) * steps_per_epoch
         stop = flags.check(step, bad_run, force=end)
@@ -804,8 +818,13 @@ def train(args, stop):
 
     flags = StopFlags(stop, device, steps_per_epoch, f"Try a lower --lr (now {args.lr:g}), --clip-grad-norm 1, "
                                                      f"or --amp off (now {args.amp})")
-    ema_update = (partial(update_ema, ema_model, model, args.model_ema_decay) if ema_model is not None
-                  else lambda step: None)
+
+    def after_step(step):
+        if ema_model is not None:
+            update_ema(ema_model, model, args.model_ema_decay, step)
+        if args.lookahead:
+            lookahead(optimizer, step, epochs * steps_per_epoch)
+
     while epoch < epochs:  # `while`: --time and --patience decide the number of epochs on the way
         model.train()
         keep_frozen_in_eval(frozen)  # after train(), which would wake them
@@ -814,7 +833,7 @@ def train(args, stop):
         first_step = step
         step, stats = train_one_epoch(
             train_model, criterion, optimizer, scaler, train_loader, epoch, step, args, device, epochs=epochs,
-            normalize=normalize, mix=mix, lr_of_step=lr_of_step, ema_update=ema_update,
+            normalize=normalize, mix=mix, lr_of_step=lr_of_step, after_step=after_step,
             no_sync=ddp_model.no_sync if ddp_model else nullcontext, flags=flags, save=save, log=log)
         if stats is None:
             exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}",

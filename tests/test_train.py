@@ -199,6 +199,21 @@ def test_optimizer_groups_follow_the_recipe():
     assert [g["lr_scale"] for g in adamw.param_groups] == [1, 1]  # filters and head; biases
 
 
+def test_lookahead_pulls_the_weights_to_their_slow_average_every_5_steps():
+    """The slow weights start where the weights are at the first pull and live in the optimizer's state (so in its
+    checkpoint); a pull lerps them toward the weights by 1 - decay and sets the weights to them."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    train.lookahead(optimizer, 5, 10)
+    assert torch.equal(optimizer.state_dict()["state"][0]["lookahead"], torch.zeros(3))
+    weight.data.fill_(1.0)
+    train.lookahead(optimizer, 7, 10)  # between pulls: nothing
+    assert torch.equal(weight.data, torch.ones(3))
+    train.lookahead(optimizer, 10, 10)  # the last step always pulls, at decay 0.95 ** 5
+    assert weight.data == pytest.approx(torch.full((3,), 1 - 0.95 ** 5))
+    assert torch.equal(optimizer.state[weight]["lookahead"], weight.data)
+
+
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
     """Non-square JPEG photos of mixed sizes (60-99 x 40-59 px), two classes."""
