@@ -449,8 +449,9 @@ def lookahead(optimizer, step, total_steps, every=5):
     decay = 0.95 ** every * (step / total_steps) ** 3
     for group in optimizer.param_groups:
         for p in group["params"]:
-            slow = optimizer.state[p].setdefault("lookahead", p.detach().clone())  # in the optimizer's checkpoint
-            p.copy_(slow.lerp_(p, 1 - decay))
+            state = optimizer.state[p]  # saved with the optimizer: a resume goes on with the same slow weights
+            state["lookahead"] = state.get("lookahead", p).lerp(p, 1 - decay)
+            p.copy_(state["lookahead"])
 
 
 def make_ema(model, args, num_classes, device):
