@@ -15,10 +15,14 @@ Each runs in a process of its own; its memory is the peak of the summed PSS of i
 counted once), and apart the part of it that is the mapped cache files (*.npy): shared through the page cache,
 it stays the files' size however many processes read them. train.py's figure is the images/s of its last
 epoch (loop only, evaluation excluded). --device cuda times the same on a GPU (the bare loop synchronises).
+One window of a run varies by 10% from one run to the next, so each is repeated (--repeats) in turns with the
+others, and the median is reported.
 """
 import argparse
 import csv
+import itertools
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,8 @@ def get_args():
     p.add_argument("--device", default=None, help="cuda, mps or cpu, for every run (default: the best available)")
     p.add_argument("--runs", default="bare,per-image,cache,naive",
                    help="which of bare,per-image,cache,naive,cache-ddp to run (default: the first four)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="times each run is repeated, in turns; the median speed is reported (default: 3)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one in-process loop and print img/s
     return p.parse_args()
 
@@ -152,7 +158,8 @@ def run_measured(cmd):
     def sample():
         while process.poll() is None:
             peak[:] = map(max, peak, tree_pss_bytes(process.pid))
-            time.sleep(0.2)
+            # reading smaps walks the process's page tables and holds it up: 5 reads a second cost it 10% of its speed
+            time.sleep(1.0)
     sampler = threading.Thread(target=sample)
     sampler.start()
     output = process.communicate()[0]
@@ -207,12 +214,13 @@ def main():
         print(f"{loop:.1f}")
         return
     runs = args.runs.split(",")
-    results = {}
+    measured = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = subset_folder(args.data, args.train_images, Path(tmp) / "data")
-        for name in runs:
-            results[name] = measure(name, args, data_dir, Path(tmp) / "runs")
-            speed, (peak, cached) = results[name]
+        # in turns (1 2 3 4 1 2 3 4 ...), so that a slow minute of the machine does not fall on one run alone
+        for repeat, name in itertools.product(range(args.repeats), runs):
+            measured[name].append(measure(name, args, data_dir, Path(tmp) / f"runs{repeat}"))
+            speed, (peak, cached) = measured[name][-1]
             print(f"{name:9s} {speed:8.1f} img/s  peak memory {peak / 2**30:.2f} GiB, of it cache files "
                   f"{cached / 2**30:.2f} GiB", flush=True)
         sys.path.insert(0, str(ROOT))
@@ -222,12 +230,17 @@ def main():
         decoded = args.train_images * side ** 2 * 3
     print(f"\n{args.model}, {args.img_size} px, batch {args.batch_size}, {args.train_images} training images, "
           f"{os.cpu_count()} cores, {args.device}, decoded training set {decoded / 2**30:.3f} GiB")
-    print(f"{'run':10s}{'img/s':>10s}{'peak GiB':>10s}{'of it cache files':>19s}")
-    for name, (speed, (peak, cached)) in results.items():
-        print(f"{name:10s}{speed:10.1f}{peak / 2**30:10.2f}{cached / 2**30:19.2f}")
+    print(f"{'run':10s}{'img/s':>10s}{'(spread)':>18s}{'peak GiB':>10s}{'of it cache files':>19s}")
+    results = {}
+    for name, repeats in measured.items():
+        speeds = [speed for speed, _ in repeats]
+        peak, cached = (max(peaks[i] for _, peaks in repeats) for i in (0, 1))
+        results[name] = statistics.median(speeds)
+        spread = f"{min(speeds):.1f}-{max(speeds):.1f}"
+        print(f"{name:10s}{results[name]:10.1f}{spread:>18s}{peak / 2**30:10.2f}{cached / 2**30:19.2f}")
     for a, b in (("per-image", "bare"), ("cache", "bare"), ("cache", "naive")):
         if a in results and b in results:
-            print(f"({a})/({b}) = {results[a][0] / results[b][0]:.2f}")
+            print(f"({a})/({b}) = {results[a] / results[b]:.2f}")
 
 
 if __name__ == "__main__":
