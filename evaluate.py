@@ -181,7 +181,7 @@ def main(argv=None):
     loader = data.eval_batches(samples, preprocess, args.batch_size or train_args["batch_size"], device, args.workers,
                                rank, world_size)
 
-    model = model_from_checkpoint(checkpoint).to(device)
+    model = model_from_checkpoint(checkpoint, args.ckpt).to(device)
     channels_last = train_args["channels_last"]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

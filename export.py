@@ -73,7 +73,7 @@ def main(argv=None):
     checkpoint = utils.load_checkpoint(args.ckpt)
     device = torch.device(args.device)
     dtype = torch.float16 if args.half else torch.float32
-    model = model_from_checkpoint(checkpoint).to(device, dtype)
+    model = model_from_checkpoint(checkpoint, args.ckpt).to(device, dtype)
     size = checkpoint["preprocess"]["img_size"]
     sample = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
     suffix = ".torchscript" if args.format == "torchscript" else ".onnx"

@@ -204,8 +204,19 @@ def set_head_dropout(model, p):
     head.register_forward_pre_hook(lambda module, inputs: (nn.functional.dropout(inputs[0], p, module.training),))
 
 
-def model_from_checkpoint(checkpoint):
+def model_from_checkpoint(checkpoint, path="the checkpoint"):
     """The trained model of one of our checkpoints: its EMA weights when the run kept an EMA."""
     model = build_model(checkpoint["model_name"], len(checkpoint["classes"]))
-    model.load_state_dict(checkpoint.get("model_ema") or checkpoint["model"])
+    load_weights(model, checkpoint.get("model_ema") or checkpoint["model"], path)
     return model.eval()
+
+
+def load_weights(model, state_dict, path):
+    """model.load_state_dict, every tensor in place, or exit with what does not fit and what to do."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        what = " ".join(str(e).split())  # torch names the keys and shapes that differ
+        raise SystemExit(f"error: the weights in {path} do not fit this code's {type(model).__name__}, so another "
+                         f"version of model.py wrote them: use that version's scripts or train again ({what})"
+                         ) from None

@@ -80,7 +80,7 @@ def load_for_prediction(path, device):
         model = torch.jit.load(path, map_location=device)
         return model, meta["classes"], meta["preprocess"], meta.get("multilabel", False)
     checkpoint = utils.load_checkpoint(path)
-    return model_from_checkpoint(checkpoint).to(device), checkpoint["classes"], checkpoint["preprocess"], \
+    return model_from_checkpoint(checkpoint, path).to(device), checkpoint["classes"], checkpoint["preprocess"], \
         checkpoint["args"].get("task", "single") == "multilabel"
 
 

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import utils
 from evaluate import EVALUATE
-from model import (OWN_MODELS, build_model, check_model_name, freeze, keep_frozen_in_eval, list_models,
+from model import (OWN_MODELS, build_model, check_model_name, freeze, keep_frozen_in_eval, list_models, load_weights,
                    set_head_dropout)
 
 # the defaults of each optimizer's recipe, for the flags not given. Muon's is airbench94's (at batch 1024: its
@@ -462,9 +462,9 @@ def make_ema(model, args, num_classes, device):
     return ema_model.eval().requires_grad_(False)
 
 
-def restore(checkpoint, model, ema_model, optimizer, scaler):
+def restore(checkpoint, path, model, ema_model, optimizer, scaler):
     """Loads a checkpoint's state into the run's objects; returns its step and (best score, best epoch)."""
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], path)
     if ema_model is not None:
         ema_model.load_state_dict(checkpoint["model_ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -794,7 +794,7 @@ def train(args, stop):
         log(f"model: the stem's filters whiten the 2x2 patches of {len(sample)} training images (fixed, not trained)")
     ema_model = make_ema(model, args, len(classes), device)
     optimizer, scaler = make_optimizer(model, args, device), make_scaler(args.amp, device)
-    step, best = restore(checkpoint, model, ema_model, optimizer, scaler) if checkpoint else (0, (-1.0, 0))
+    step, best = restore(checkpoint, args.resume, model, ema_model, optimizer, scaler) if checkpoint else (0, (-1.0, 0))
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
     train_model = torch.compile(ddp_model or model) if args.compile else ddp_model or model
     criterion = (nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.task == "single"

@@ -113,3 +113,24 @@ def test_evaluate_refuses_data_of_other_classes(trained_run, tmp_path):
     other = write_image_folder(tmp_path / "other", classes=("ring", "star", "cross"), n_train=2, n_val=1)
     result = run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", other, check=False)
     assert result.returncode != 0 and "not the checkpoint's" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_weights_of_another_model_version_are_named_with_what_to_do(trained_run, image_folder, tmp_path):
+    """A checkpoint from an earlier model.py (smallnet's head once had a bias) makes every script that loads it
+    exit naming the file, the tensor that does not fit, and what to do, instead of torch's traceback."""
+    import evaluate
+    import export
+    import predict
+    import train
+    run_dir, _ = trained_run
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    checkpoint["model"]["fc.bias"] = torch.zeros(3)
+    checkpoint["epoch"] = 1  # unfinished, so that --resume gets as far as loading the weights
+    old = tmp_path / "old.pt"
+    torch.save(checkpoint, old)
+    image = next((image_folder / "val" / "circle").iterdir())
+    for main, args in ((predict.main, [image, "--ckpt", old]), (evaluate.main, ["--data", image_folder, "--ckpt", old]),
+                       (export.main, ["--ckpt", old, "--output", tmp_path / "old.torchscript"]),
+                       (train.main, ["--resume", old])):
+        with pytest.raises(SystemExit, match=r"old\.pt do not fit .*another version of model\.py.*fc\.bias"):
+            main([str(arg) for arg in args])
