@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -70,9 +71,17 @@ def check_image(path):
     return "zero-sized image" if width * height == 0 else None
 
 
-def scan_images(samples, strict=False, log=print):
-    """Drops the files that check_image refuses, naming each, or stops on them with strict."""
-    problems = [(path, check_image(path)) for path, _ in samples]
+def scan_images(samples, strict=False, log=print, parallel_from=10_000):
+    """Drops the files that check_image refuses, naming each, or stops on them with strict. A set of
+    `parallel_from` files or more is checked by a process per core (at most 16)."""
+    paths = [path for path, _ in samples]
+    # opening a header is as much Python work as a disk read: threads, held back by the GIL, gain nothing;
+    # processes gain about their number. A small set is done before a pool of processes would have started.
+    if len(paths) >= parallel_from and cpu_cores() > 1:
+        with ProcessPoolExecutor(min(16, cpu_cores())) as pool:
+            problems = list(zip(paths, pool.map(check_image, paths, chunksize=256)))  # map keeps the order
+    else:
+        problems = [(path, check_image(path)) for path in paths]
     bad = [(path, why) for path, why in problems if why]
     if bad:
         listing = "\n".join(f"  {path}: {why}" for path, why in bad)
@@ -548,10 +557,15 @@ def default_workers(world_size, device):
     """Loader processes per training process: on a GPU every core but one (at most 16), on the CPU fewer."""
     # on the CPU they compete with the model for cores: leave about half to compute; with 2 cores or fewer per
     # process the model's threads use them all, and loading in the training process itself is faster
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cpu_cores()
     if device.type == "cuda":
         return max(1, min(16, cores // world_size - 1))
     return 0 if cores // world_size <= 2 else max(1, min(8, cores // (2 * world_size)))
+
+
+def cpu_cores():
+    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def decide_cache(cache, counts_and_sides, log):
@@ -569,7 +583,7 @@ def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
     read-only). Local rank 0 decodes; the other processes wait, then map its files."""
     source = Path(args.data) if args.data else Path(args.train_csv).parent
     folder = source / ".cache" if os.access(source, os.W_OK) else Path(output_dir) / "cache"
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = cpu_cores()
 
     def build():
         return [build_cache(samples, *layout, folder, workers, log, args.strict) for samples, layout in splits]

@@ -265,6 +265,21 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and (array[0] == [255, 0, 0]).all()
 
 
+def test_header_scan_in_processes_drops_the_same_files_in_order(tmp_path):
+    """Large sets are scanned by a process pool: the same files kept, in the same order with the same labels, and
+    the same unusable ones named, as the scan in the process itself."""
+    from conftest import write_messy_files
+    root = write_image_folder(tmp_path / "ds", n_train=12, splits=("train",))
+    write_messy_files(root / "train" / "circle")
+    write_messy_files(root / "train" / "triangle")
+    samples = data.list_images(root / "train", data.find_classes(root / "train"))
+    serial, pooled = [], []
+    kept = data.scan_images(samples, log=serial.append, parallel_from=len(samples) + 1)
+    assert data.scan_images(samples, log=pooled.append, parallel_from=1) == kept and pooled == serial
+    assert serial and "skipping 8 unusable image file(s)" in serial[0] and "triangle/zero.jpg" in serial[0]
+    assert [s for s in samples if s in kept] == kept and len(kept) == len(samples) - 8
+
+
 def test_cache_leaves_out_files_that_do_not_decode(tmp_path):
     from conftest import write_messy_files
     root = write_image_folder(tmp_path / "ds", n_train=4, splits=("train",))
