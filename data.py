@@ -77,8 +77,9 @@ def scan_images(samples, strict=False, log=print, parallel_from=10_000):
     paths = [path for path, _ in samples]
     # opening a header is as much Python work as a disk read: threads, held back by the GIL, gain nothing;
     # processes do (see the README's Speed). A small set is done before a pool of processes would have started.
-    if len(paths) >= parallel_from and cpu_cores() > 1:
-        with ProcessPoolExecutor(min(16, cpu_cores())) as pool:
+    processes = min(16, cpu_cores())
+    if len(paths) >= parallel_from and processes > 1:
+        with ProcessPoolExecutor(processes) as pool:
             problems = list(zip(paths, pool.map(check_image, paths, chunksize=256)))  # map keeps the order
     else:
         problems = [(path, check_image(path)) for path in paths]
