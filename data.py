@@ -113,8 +113,16 @@ def find_classes(folder):
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def list_images(folder, classes):
+def is_image_file(name):
+    return not name.startswith(".") and Path(name).suffix.lower() in IMG_EXTENSIONS
+
+
+def list_images(folder, classes, log=print):
     """[(path, class index)] for every image file under folder/<class>/, matched by extension in any case."""
+    loose = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+    if loose:
+        log(f"warning: {len(loose)} image file(s) directly in {folder} are in no class folder, so have no label: "
+            f"left out ({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}); move them into {folder}/<class>/")
     samples = []
     for index, name in enumerate(classes):
         class_dir = Path(folder) / name
@@ -123,7 +131,7 @@ def list_images(folder, classes):
         for root, dirs, files in os.walk(class_dir, followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in sorted(files):
-                if not file.startswith(".") and Path(file).suffix.lower() in IMG_EXTENSIONS:
+                if is_image_file(file):
                     samples.append((os.path.join(root, file), index))
     return samples
 
@@ -179,7 +187,7 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
     if not find_classes(train_dir):
         raise SystemExit(f"error: {train_dir} has no class folders; expected {train_dir}/<class>/<image>")
     classes = select_classes(find_classes(train_dir), wanted, ignore, train_dir)
-    train = check_nonempty(scan_images(list_images(train_dir, classes), strict, log), classes, train_dir)
+    train = check_nonempty(scan_images(list_images(train_dir, classes, log), strict, log), classes, train_dir)
 
     val_dir = find_val_dir(data_root)
     if val_dir is None:
@@ -219,7 +227,7 @@ def check_val_classes(val_dir, classes, log=print, ignore=()):
     if missing:
         log(f"warning: {val_dir} has no folder for {len(missing)} class(es): {', '.join(missing)}; "
             "they are not validated")
-    return list_images(val_dir, classes)
+    return list_images(val_dir, classes, log)
 
 
 def read_csv_samples(csv_path, image_column="image", label_column="label", delimiter=None):

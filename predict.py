@@ -27,12 +27,11 @@ def expand_inputs(inputs):
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(str(p) for p in Path(item).rglob("*")
-                            if p.suffix.lower() in data.IMG_EXTENSIONS and not p.name.startswith("."))
+            paths += sorted(str(p) for p in Path(item).rglob("*") if data.is_image_file(p.name))
         elif os.path.isfile(item):
             paths.append(item)
         elif glob.has_magic(item):
-            paths += sorted(p for p in glob.glob(item, recursive=True) if Path(p).suffix.lower() in data.IMG_EXTENSIONS)
+            paths += sorted(p for p in glob.glob(item, recursive=True) if data.is_image_file(Path(p).name))
         else:
             raise SystemExit(f"error: {item} is not a file, a folder or a glob pattern that matches anything")
     if not paths:

@@ -74,10 +74,15 @@ def test_classes_and_files(tmp_path):
     (root / "train" / "circle" / ".DS_Store").write_bytes(b"\0\0")
     Image.new("RGB", (32, 32)).save(root / "train" / "circle" / "UPPER.JPG")
     Image.new("RGB", (32, 32)).save(root / "train" / "square" / "mixed.Png")
-    classes, train, val = data.load_samples(root, log=lambda *_: None)
+    for folder, name in ((root / "train", "loose1.jpg"), (root / "train", "loose2.PNG"), (root / "val", "lost.jpg")):
+        Image.new("RGB", (32, 32)).save(folder / name)  # in no class folder: no label to train on
+    messages = []
+    classes, train, val = data.load_samples(root, log=messages.append)
     assert classes == ["circle", "square", "triangle"]
     names = [p.rsplit("/", 1)[-1] for p, _ in train]
-    assert "UPPER.JPG" in names and "mixed.Png" in names and "notes.txt" not in names
+    assert "UPPER.JPG" in names and "mixed.Png" in names and "notes.txt" not in names and "loose1.jpg" not in names
+    assert any(f"2 image file(s) directly in {root / 'train'}" in m and "loose1.jpg" in m for m in messages)
+    assert any(f"1 image file(s) directly in {root / 'val'}" in m and "lost.jpg" in m for m in messages)
     assert len(train) == 8 and len(val) == 3
     assert all(classes[t] in p for p, t in train + val)
 

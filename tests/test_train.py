@@ -3,7 +3,6 @@ import argparse
 import csv
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +55,16 @@ def test_best_checkpoint_is_the_best_epoch(trained_run):
     best_row = max(rows, key=lambda r: float(r["val_top1"]))  # max() keeps the first of equals
     assert best["epoch"] == int(best_row["epoch"])
     assert best["metrics"]["top1"] == pytest.approx(float(best_row["val_top1"]), abs=1e-3)
+
+
+def test_a_new_run_never_overwrites_the_checkpoints_of_another(trained_run, image_folder):
+    out, _ = trained_run
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".csv")}
+    result = run_script("train.py", "--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny", "-b", 8,
+                        "--workers", 0, "--output-dir", out, check=False)
+    assert result.returncode != 0
+    assert f"--output-dir {out} already holds" in result.stderr and f"--resume {out / 'last.pt'}" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".csv")} == before
 
 
 def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
@@ -475,22 +484,19 @@ def test_muon_orthogonalises_the_update_of_a_convolution_filter():
 
 def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(trained_run, image_folder, tmp_path):
     """A start from weights holding NaN: every loss is NaN, every step is skipped; after 20 in a row the run stops
-    with an error, and the last.pt already in the output folder is left as it was."""
+    with an error and saves nothing, so a resumed run's last.pt would keep its last good epoch."""
     run_dir, _ = trained_run
     nan_weights = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     first = next(k for k in nan_weights if k.endswith("weight"))
     nan_weights[first][0] = float("nan")
     torch.save(nan_weights, tmp_path / "nan.pt")
     out = tmp_path / "out"
-    out.mkdir()
-    shutil.copy(run_dir / "last.pt", out / "last.pt")
-    good = (out / "last.pt").read_bytes()
     result = run_script("train.py", "--data", image_folder, "--epochs", 1, "--model", "smallnet_tiny", "-b", 2,
                         "--workers", 0, "--weights", tmp_path / "nan.pt", "--output-dir", out, check=False)
     assert result.returncode == 1
     assert "the loss was inf or NaN for the last 20 steps (at epoch 1 step 20" in result.stderr
     assert "Traceback" not in result.stderr
-    assert (out / "last.pt").read_bytes() == good and not (out / "best.pt").exists()
+    assert not list(out.glob("*.pt"))
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
