@@ -11,12 +11,14 @@
 import argparse
 import csv
 import json
+
 import torch
 import torch.nn.functional as F
 
 import data
 import utils
 from model import model_from_checkpoint
+
 
 def tta_logits(model, images):
     """Test-time augmentation: the mean logits of the image and its mirror image, and for small images (64 px or

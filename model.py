@@ -5,6 +5,7 @@
 import difflib
 from collections import OrderedDict
 from functools import partial
+from pathlib import Path
 
 import torch
 import torchvision
@@ -142,16 +143,31 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print):
     else:
         model = torchvision.models.get_model(name, num_classes=num_classes, **TORCHVISION_KWARGS.get(name, {}))
     if pretrained:
-        if name in OWN_MODELS:
-            raise ValueError(f"--pretrained: torchvision has no weights for our {name}; use --weights PATH")
-        state_dict = torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=True)
-        load_matching(model, state_dict, "torchvision's default weights", log)
+        load_matching(model, download_weights(name), "torchvision's default weights", log)
     if weights:
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"error: --weights {weights}: not a state dict or checkpoint that torch.load reads "
+                             f"with weights_only=True ({type(e).__name__})") from None
         if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
             state_dict = state_dict["model"]  # one of our checkpoints
         load_matching(model, state_dict, weights, log)
     return model
+
+
+def download_weights(name):
+    """torchvision's default ImageNet weights for `name`, from torch's hub folder or downloaded into it."""
+    if name in OWN_MODELS:
+        raise SystemExit(f"error: --pretrained: torchvision has no weights for our {name}; use --weights PATH")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as e:  # no internet, as on many compute nodes
+        file = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+        raise SystemExit(f"error: --pretrained: could not download {weights.url} ({e}); on a machine without "
+                         f"internet, download it elsewhere and put it at {file}, or give a file with --weights"
+                         ) from None
 
 
 def load_matching(model, state_dict, source, log=print):
@@ -159,7 +175,7 @@ def load_matching(model, state_dict, source, log=print):
     own = model.state_dict()
     matching = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
     if not matching:
-        raise ValueError(f"no tensor of {source} fits this model: is it the same architecture?")
+        raise SystemExit(f"error: no tensor of {source} fits this model: is it the same architecture?")
     mismatched = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
     model.load_state_dict(matching, strict=False)
     log(f"model: loaded {len(matching)}/{len(own)} tensors from {source}")

@@ -169,6 +169,10 @@ def parse_args(argv=None):
         parser.error("--val-fraction must be between 0 and 1")
     if args.model and check_model_name(args.model):
         parser.error(f"--model: {check_model_name(args.model)}")
+    if args.pretrained and args.model in OWN_MODELS:
+        parser.error(f"--pretrained: torchvision has no weights for our {args.model}; use --weights PATH")
+    if args.weights and not Path(args.weights).is_file():
+        parser.error(f"--weights: {args.weights} does not exist")
     return args
 
 
@@ -257,7 +261,7 @@ def load_data(args, output_dir, local_rank, world_size, log):
     if args.img_size is None:
         log(f"data: image size {img_size} px, from the median short side of the training images (--img-size)")
     if args.model is None:
-        settled["model"] = "smallnet" if img_size <= 64 else "resnet18"
+        settled["model"] = "smallnet" if img_size <= 64 and not args.pretrained else "resnet18"  # has weights
         log(f"model: {settled['model']}, the default for {img_size} px images (--model)")
     settled.update(img_size=img_size, train_crop=args.train_crop or ("padded" if img_size <= 64 else "resized"))
     model_name = settled.get("model", args.model)

@@ -48,10 +48,27 @@ def test_pretrained_uses_torchvision_weights(tmp_path, monkeypatch):
     assert net.fc.out_features == 5
 
 
-def test_weights_of_another_architecture_are_refused(tmp_path):
+def test_pretrained_without_internet_says_where_to_put_the_file(tmp_path, monkeypatch):
+    # a compute node without internet: the download fails (here: through a proxy nobody listens on)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for name in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    file = torchvision.models.get_model_weights("resnet18").DEFAULT.url.rsplit("/", 1)[-1]
+    with pytest.raises(SystemExit, match=rf"--pretrained: .*download.* {tmp_path / 'hub' / 'checkpoints' / file}"):
+        model_lib.build_model("resnet18", 5, pretrained=True, log=lambda *_: None)
+
+
+def test_weights_of_another_architecture_or_no_weights_are_refused(tmp_path):
     torch.save(torchvision.models.squeezenet1_0().state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="same architecture"):
+    with pytest.raises(SystemExit, match="same architecture"):
         model_lib.build_model("smallnet_tiny", 3, weights=tmp_path / "other.pth")
+    (tmp_path / "notes.pt").write_text("not weights")
+    with pytest.raises(SystemExit, match=rf"--weights {tmp_path / 'notes.pt'}: not a state dict or checkpoint"):
+        model_lib.build_model("smallnet_tiny", 3, weights=tmp_path / "notes.pt")
+    with pytest.raises(SystemExit, match="--pretrained: torchvision has no weights for our smallnet"):
+        model_lib.build_model("smallnet", 3, pretrained=True)
 
 
 def test_whitened_stem_decorrelates_patches():

@@ -396,11 +396,19 @@ def test_two_class_dataset_reports_top2(tmp_path):
     (["-b", "0"], "--batch-size must be at least 1"),
     (["--model", "resnet19"], "did you mean resnet18"),
     (["--resume", "nowhere/last.pt"], "does not exist"),
+    (["--weights", "nowhere/best.pt"], "--weights: nowhere/best.pt does not exist"),
+    (["--model", "smallnet", "--pretrained"], "--pretrained: torchvision has no weights for our smallnet"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message, image_folder, capsys):
     with pytest.raises(SystemExit) as exit:
         train.main(["--data", str(image_folder), *flags])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_pretrained_picks_a_model_that_has_weights_for_small_images(image_folder, tmp_path):
+    args = train.parse_args(["--data", str(image_folder), "--pretrained"])
+    settled, *_ = train.load_data(args, tmp_path, 0, 1, lambda *_: None)
+    assert settled.model == "resnet18"  # smallnet, the default for 32 px, has no pretrained weights
 
 
 def test_more_accumulation_steps_than_batches_is_a_clear_error(image_folder, tmp_path):
