@@ -67,6 +67,17 @@ def test_a_new_run_never_overwrites_the_checkpoints_of_another(trained_run, imag
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".csv")} == before
 
 
+def test_resume_refuses_flags_that_would_change_the_run(trained_run, image_folder):
+    out, _ = trained_run
+    last = out / "last.pt"
+    with pytest.raises(SystemExit, match=r"differ from the run's: --epochs 5 \(the run's: 2\), --tta \(the run's: "
+                                         rf"False\).*--weights {last}"):
+        train.main(["--resume", str(last), "--epochs", "5", "--tta", "--workers", "0"])
+    # the run's own values, spelled as given or not, and what may change: the run is finished, nothing to do
+    assert train.main(["--resume", str(last), "--epochs", "2", "--data", f"{image_folder}/", "--output-dir",
+                       str(out), "--workers", "0", "--device", "cpu"]) is None
+
+
 def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
     out, _ = trained_run
     best = torch.load(out / "best.pt", weights_only=True)
