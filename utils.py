@@ -172,11 +172,22 @@ def save_checkpoint(checkpoint, path):
     """Atomic write: a kill during the save leaves the previous file at `path` intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before it takes the name: a power cut cannot leave an empty last.pt
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the name: a power cut cannot leave an empty last.pt
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except Exception as e:  # torch reports a full disk as a RuntimeError about a file position
+        tmp.unlink(missing_ok=True)  # a hidden half file would go on filling the disk
+        raise SystemExit(f"error: could not write {path} ({first_line(e)}); is the disk full? The previous "
+                         f"{path.name}, if any, is as it was") from None
+
+
+def first_line(error):
+    """The first line of an exception's message, or its type's name if it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_checkpoint(path):
@@ -188,9 +199,8 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"error: {path} is not a checkpoint this code can load safely "
-                         f"(loaded with weights_only=True, which refuses pickled code): {first_line}")
+                         f"(loaded with weights_only=True, which refuses pickled code): {first_line(e)}")
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "classes" not in checkpoint:
         raise SystemExit(f"error: {path} is not a checkpoint written by train.py "
                          "(expected a dict with 'model' and 'classes')")

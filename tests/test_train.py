@@ -545,6 +545,22 @@ def test_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".pt"]  # leftovers are temp files, never *.pt
 
 
+def test_a_failed_save_names_the_file_and_leaves_the_previous_one(tmp_path):
+    """A write that fails half-way (a full disk; here a file-size limit, which fails the same way): a clear error,
+    the previous last.pt intact, and no hidden temporary file left to fill the disk."""
+    path = tmp_path / "last.pt"
+    script = (f"import resource, signal, sys, torch; sys.path.insert(0, {str(ROOT)!r}); import utils\n"
+              f"utils.save_checkpoint({{'step': 0, 'classes': [], 'model': {{}}}}, {str(path)!r})\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))\n"
+              f"utils.save_checkpoint({{'step': 1, 'classes': [], 'model': {{'w': torch.zeros(2**20)}}}}, {str(path)!r})")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"error: could not write {path}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert utils.load_checkpoint(path)["step"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_evaluate_with_test_time_augmentation(trained_run, image_folder):
     """The TTA logits are the mean over the image, its mirror, and both shifted by 1/32 of the size (reflecting at
     the border) up-left and down-right; evaluate.py --tta reports the loss of exactly those logits."""
