@@ -151,7 +151,7 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print):
             raise SystemExit(f"error: --weights {weights}: not a state dict or checkpoint that torch.load reads "
                              f"with weights_only=True ({type(e).__name__})") from None
         if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-            state_dict = state_dict["model"]  # one of our checkpoints
+            state_dict = trained_weights(state_dict)  # one of our checkpoints
         load_matching(model, state_dict, weights, log)
     return model
 
@@ -221,10 +221,15 @@ def set_head_dropout(model, p):
 
 
 def model_from_checkpoint(checkpoint, path="the checkpoint"):
-    """The trained model of one of our checkpoints: its EMA weights when the run kept an EMA."""
+    """The trained model of one of our checkpoints, in eval mode."""
     model = build_model(checkpoint["model_name"], len(checkpoint["classes"]))
-    load_weights(model, checkpoint.get("model_ema") or checkpoint["model"], path)
+    load_weights(model, trained_weights(checkpoint), path)
     return model.eval()
+
+
+def trained_weights(checkpoint):
+    """The weights that were evaluated (and kept as best): the EMA's when the run kept one."""
+    return checkpoint.get("model_ema") or checkpoint["model"]
 
 
 def load_weights(model, state_dict, path):

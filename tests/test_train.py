@@ -19,6 +19,7 @@ import data
 import train
 import utils
 from conftest import ROOT, run_script, write_image_folder
+from model import build_model
 
 TINY = ["--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
 
@@ -149,6 +150,9 @@ def test_many_options_together(image_folder, tmp_path):
     assert metrics["count"] == 18 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
     assert metrics["loss"] == pytest.approx(checkpoint["metrics"]["loss"], rel=1e-4)
     assert_shows_augmented_images(out / "train_batch.jpg", image_folder, 8)
+    # --weights starts from the weights that were evaluated and kept as best: the EMA
+    start = build_model("smallnet_tiny", 3, weights=out / "last.pt", log=lambda *_: None)
+    assert torch.equal(start.fc.weight, checkpoint["model_ema"]["fc.weight"])
 
 
 def assert_shows_augmented_images(path, image_folder, count):
