@@ -198,6 +198,10 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
         if val_dir.name == "test":
             log(f"data: no val/ folder in {data_root}: validating on {val_dir}")
         val = scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
+    if not val:  # 0% every epoch, and the first epoch kept as best
+        fix = (f"add images to {val_dir}/<class>/, or remove {val_dir} to hold out --val-fraction of train/"
+               if val_dir else "add images: a class needs 2 for one to be held out")
+        raise SystemExit(f"error: no usable validation images in {val_dir or train_dir}: {fix}")
     log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
     return classes, train, val
 
@@ -315,6 +319,8 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
         train, val = stratified_split(train, val_fraction, seed)
         log(f"data: no --val-csv: holding out {val_fraction:.0%} of each class of {train_csv} for validation "
             f"({len(val)} images, --val-fraction)")
+    if not val:
+        raise SystemExit(f"error: no usable validation images in {val_csv or train_csv}: add some")
     log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
     return classes, train, val
 

@@ -180,6 +180,8 @@ def main(argv=None):
     else:
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)
+    if not samples:
+        raise SystemExit(f"error: no usable images in {args.val_csv or f'the {args.split} split of {args.data}'}")
     loader = data.eval_batches(samples, preprocess, args.batch_size or train_args["batch_size"], device, args.workers,
                                rank, world_size)
 

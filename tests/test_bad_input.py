@@ -115,6 +115,15 @@ def test_evaluate_refuses_data_of_other_classes(trained_run, tmp_path):
     assert result.returncode != 0 and "not the checkpoint's" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_evaluate_on_a_split_without_usable_images_is_an_error(trained_run, tmp_path):
+    import evaluate
+    run_dir, _ = trained_run
+    root = write_image_folder(tmp_path / "ds", n_train=2, splits=("train",))  # the run's classes
+    (root / "val" / "circle").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=rf"no usable images in the val split of {root}"):
+        evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--data", str(root), "--workers", "0"])
+
+
 def test_weights_of_another_model_version_are_named_with_what_to_do(trained_run, image_folder, tmp_path):
     """A checkpoint from an earlier model.py (smallnet's head once had a bias) makes every script that loads it
     exit naming the file, the tensor that does not fit, and what to do, instead of torch's traceback."""

@@ -122,6 +122,17 @@ def test_val_lacking_a_class_keeps_train_indices(tmp_path):
     assert any("circle" in m and "square" in m for m in messages if m.startswith("warning"))
 
 
+def test_a_split_without_usable_images_is_an_error(tmp_path):
+    """A val/ with no images (not yet filled, or only broken files) would report 0% every epoch and keep the
+    first epoch as best: training stops instead, saying what to do."""
+    root = write_image_folder(tmp_path / "ds", n_train=2, splits=("train",))
+    (root / "val" / "circle").mkdir(parents=True)
+    (root / "val" / "circle" / "broken.jpg").write_bytes(b"not a picture")
+    quiet = {"log": lambda *_: None}
+    with pytest.raises(SystemExit, match=rf"no usable validation images in {root / 'val'}: add images to"):
+        data.load_samples(root, **quiet)
+
+
 @pytest.mark.parametrize("side,expected", [(40, 32), (32, 32), (100, 96), (150, 160), (800, 224), (12, 32)])
 def test_image_size_is_inferred_from_short_sides(tmp_path, side, expected):
     paths = []
