@@ -175,7 +175,8 @@ def load_matching(model, state_dict, source, log=print):
     own = model.state_dict()
     matching = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
     if not matching:
-        raise SystemExit(f"error: no tensor of {source} fits this model: is it the same architecture?")
+        raise SystemExit(f"error: no tensor of {source} fits this {type(model).__name__}: weights of another "
+                         "architecture? Name theirs with --model (--list-models)")
     mismatched = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
     model.load_state_dict(matching, strict=False)
     log(f"model: loaded {len(matching)}/{len(own)} tensors from {source}")

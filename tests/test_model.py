@@ -62,7 +62,7 @@ def test_pretrained_without_internet_says_where_to_put_the_file(tmp_path, monkey
 
 def test_weights_of_another_architecture_or_no_weights_are_refused(tmp_path):
     torch.save(torchvision.models.squeezenet1_0().state_dict(), tmp_path / "other.pth")
-    with pytest.raises(SystemExit, match="same architecture"):
+    with pytest.raises(SystemExit, match=r"fits this SmallNet: weights of another architecture\? Name theirs with"):
         model_lib.build_model("smallnet_tiny", 3, weights=tmp_path / "other.pth")
     (tmp_path / "notes.pt").write_text("not weights")
     with pytest.raises(SystemExit, match=rf"--weights {tmp_path / 'notes.pt'}: not a state dict or checkpoint"):

@@ -557,7 +557,8 @@ def test_a_failed_save_names_the_file_and_leaves_the_previous_one(tmp_path):
               f"utils.save_checkpoint({{'step': 0, 'classes': [], 'model': {{}}}}, {str(path)!r})\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))\n"
-              f"utils.save_checkpoint({{'step': 1, 'classes': [], 'model': {{'w': torch.zeros(2**20)}}}}, {str(path)!r})")
+              f"utils.save_checkpoint({{'step': 1, 'classes': [], 'model': {{'w': torch.zeros(2**20)}}}},"
+              f" {str(path)!r})")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and f"error: could not write {path}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
