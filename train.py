@@ -276,7 +276,8 @@ def load_data(args, output_dir, local_rank, world_size, log):
         log(f"data: image size {img_size} px, from the median short side of the training images (--img-size)")
     if args.model is None:
         settled["model"] = "smallnet" if img_size <= 64 and not args.pretrained else "resnet18"  # has weights
-        log(f"model: {settled['model']}, the default for {img_size} px images (--model)")
+        log(f"model: {settled['model']}, the default for {img_size} px images"
+            f"{' with --pretrained' if args.pretrained else ''} (--model)")
     settled.update(img_size=img_size, train_crop=args.train_crop or ("padded" if img_size <= 64 else "resized"))
     model_name = settled.get("model", args.model)
     if model_name not in OWN_MODELS and not (args.pretrained or args.weights) and len(train_samples) < SMALL_SET:
