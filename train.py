@@ -214,15 +214,18 @@ def new_output_dir(data_name):
 
 def claim_output_dir(args, rank):
     """The run's folder, the same in every process: --output-dir, or a new one that rank 0 creates."""
-    output_dir = args.output_dir
+    output_dir, error = args.output_dir, None
     if output_dir and rank == 0 and not args.resume and any(Path(output_dir).glob("*.pt")):
-        raise SystemExit(f"error: --output-dir {output_dir} already holds a run's checkpoints, which a new run "
-                         f"would replace: continue that run with --resume {Path(output_dir) / 'last.pt'}, or give "
-                         "another --output-dir")
+        error = (f"error: --output-dir {output_dir} already holds a run's checkpoints, which a new run would "
+                 f"replace: continue that run with --resume {Path(output_dir) / 'last.pt'}, or give another "
+                 "--output-dir")
     if output_dir is None and rank == 0:
         output_dir = str(new_output_dir(Path(args.train_csv).stem if args.train_csv
                                         else Path(args.data or SHAPES_DIR).resolve().name))
-    output_dir = Path(utils.broadcast_object(output_dir))
+    output_dir, error = utils.broadcast_object((output_dir, error))  # rank 0's folder (and files) decide
+    if error:
+        raise SystemExit(error)  # in every process: none is left waiting at a collective
+    output_dir = Path(output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir

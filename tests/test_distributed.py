@@ -72,6 +72,11 @@ def test_two_processes_write_the_same_files(two_process_run, image_folder, tmp_p
     # a different number of processes cannot continue this run
     resumed = run_script("train.py", "--resume", out / "last.pt", check=False)
     assert resumed.returncode != 0 and "2 process(es)" in resumed.stderr
+    # nor can a new job write into its folder: every process stops with the error, none mid-collective
+    last = (out / "last.pt").read_bytes()
+    again = torchrun("train.py", "--data", image_folder, *TWO_PROCESSES, "--output-dir", out, check=False)
+    assert again.returncode != 0 and "already holds a run's checkpoints" in again.stderr
+    assert "Connection closed by peer" not in again.stderr and (out / "last.pt").read_bytes() == last
 
 
 @pytest.mark.parametrize("flags", [["--cache", "--opt", "sgd"], ["--no-cache"]])  # smallnet's default: Muon
