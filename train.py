@@ -177,19 +177,19 @@ def parse_args(argv=None):
 
 
 def resume_args(args):
-    """A resumed run takes its arguments from the checkpoint; only how it runs may change. A flag given with
-    another value than the run's is an error, not silently ignored."""
+    """A resumed run takes its arguments from the checkpoint; only how it runs (--workers, --device, --cache) may
+    change. A flag given with another value than the run's is an error, not silently ignored."""
     checkpoint = utils.load_checkpoint(args.resume)
     defaults = vars(get_args_parser().parse_args([]))
     saved = {**defaults, **checkpoint["args"]}  # flags newer than the run: their defaults
     saved.update(resume=args.resume, workers=args.workers, device=args.device,
-                 output_dir=str(Path(args.resume).parent))
+                 cache=saved["cache"] if args.cache is None else args.cache, output_dir=str(Path(args.resume).parent))
     changed = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}") + f" (the run's: {saved[name]})"
                for name, value in vars(args).items() if value != defaults[name] and not same(value, saved[name])]
     if changed:
         raise SystemExit(f"error: --resume continues a run with the arguments it was started with, and these differ "
-                         f"from the run's: {', '.join(changed)}. Only --workers and --device may change; to train "
-                         f"on with other settings, start a new run with --weights {args.resume}")
+                         f"from the run's: {', '.join(changed)}. Only --workers, --device and --cache may change; to "
+                         f"train on with other settings, start a new run with --weights {args.resume}")
     return argparse.Namespace(**saved), checkpoint
 
 
