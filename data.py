@@ -10,6 +10,7 @@ Augmentation then runs on the training device, the same whatever the source: `--
 import csv
 import datetime
 import hashlib
+import io
 import json
 import math
 import os
@@ -240,24 +241,29 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
     if not csv_path.is_file():
         raise SystemExit(f"error: CSV file {csv_path} does not exist")
     folder = csv_path.parent.resolve()
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        for column in (image_column, label_column):
-            if column not in (reader.fieldnames or []):
-                raise SystemExit(f"error: {csv_path} has no column {column!r} "
-                                 f"(it has: {', '.join(reader.fieldnames or [])}); "
-                                 "name the columns with --image-column and --label-column")
-        rows = []
-        for line, row in enumerate(reader, start=2):  # line 1 is the header
-            path = Path(row[image_column].strip())
-            if not path.is_absolute():
-                path = folder / path
-                if not path.resolve().is_relative_to(folder):
-                    raise SystemExit(f"error: {csv_path} line {line}: {row[image_column]!r} leads outside {folder}; "
-                                     "use paths inside the CSV's folder, or absolute paths")
-            text = row[label_column].strip()
-            labels = [x.strip() for x in (text.split(delimiter) if delimiter else [text]) if x.strip()]
-            rows.append((str(path), labels))
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is no column name
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {csv_path} is not UTF-8 text (byte {e.start}): save it as UTF-8 (Excel: CSV UTF-8)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for column in (image_column, label_column):
+        if column not in (reader.fieldnames or []):
+            raise SystemExit(f"error: {csv_path} has no column {column!r} (it has: {', '.join(reader.fieldnames or [])}"
+                             "); name the columns with --image-column and --label-column")
+    rows = []
+    for row in reader:
+        where = f"{csv_path} line {reader.line_num}"
+        if row[image_column] is None or row[label_column] is None:
+            raise SystemExit(f"error: {where}: fewer cells than the header has columns")
+        path = Path(row[image_column].strip())
+        if not path.is_absolute():
+            path = folder / path
+            if not path.resolve().is_relative_to(folder):
+                raise SystemExit(f"error: {where}: {row[image_column]!r} leads outside {folder}; use paths inside the "
+                                 "CSV's folder, or absolute paths")
+        text = row[label_column].strip()
+        labels = [x.strip() for x in (text.split(delimiter) if delimiter else [text]) if x.strip()]
+        rows.append((str(path), labels))
     return rows
 
 

@@ -58,6 +58,19 @@ def test_csv_integer_ids_and_class_list(csv_dataset, tmp_path):
     assert classes == names and {t for _, t in train} == {0, 1, 2}
 
 
+def test_csv_saved_by_a_spreadsheet_reads_the_same(csv_dataset, tmp_path):
+    """Excel's "CSV UTF-8": a byte-order mark before the header and CRLF line ends. Its older "CSV" (Windows-1252)
+    is refused with what to do."""
+    text = (csv_dataset / "train.csv").read_text().replace("\r\n", "\n").replace("\n", "\r\n")
+    (csv_dataset / "excel.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    quiet = {"log": lambda *_: None}
+    assert data.load_csv_samples(csv_dataset / "excel.csv", **quiet) == data.load_csv_samples(
+        csv_dataset / "train.csv", **quiet)
+    (tmp_path / "legacy.csv").write_bytes("image,label\r\ncafé.jpg,café\r\n".encode("cp1252"))
+    with pytest.raises(SystemExit, match=r"legacy.csv is not UTF-8 text .*save it as UTF-8"):
+        data.read_csv_samples(tmp_path / "legacy.csv")
+
+
 def test_csv_path_leaving_its_folder_is_refused(csv_dataset, tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
@@ -67,6 +80,9 @@ def test_csv_path_leaving_its_folder_is_refused(csv_dataset, tmp_path):
         write_csv(inner / "bad.csv", [("ok.jpg", "a"), (bad, "b")])
         with pytest.raises(SystemExit, match=r"bad.csv line 3: .* leads outside"):
             data.read_csv_samples(inner / "bad.csv")
+    write_csv(inner / "short.csv", [("ok.jpg", "a"), ("lonely.jpg",)])
+    with pytest.raises(SystemExit, match=r"short.csv line 3: fewer cells than the header"):
+        data.read_csv_samples(inner / "short.csv")
     write_csv(inner / "cols.csv", [("x.jpg", "a")], header=("file", "label"))
     with pytest.raises(SystemExit, match="no column 'image'.*--image-column"):
         data.read_csv_samples(inner / "cols.csv")
