@@ -132,6 +132,11 @@ def check_model_name(name):
     return f"unknown model {name!r}{hint} (python train.py --list-models prints every name)"
 
 
+def check_pretrained(name):
+    """None if torchvision has weights for the model, else a message that says what to do."""
+    return f"torchvision has no weights for our {name}; use --weights PATH" if name in OWN_MODELS else None
+
+
 def build_model(name, num_classes, pretrained=False, weights=None, log=print):
     """`pretrained`: torchvision's default weights (a download); `weights`: a local state dict or checkpoint.
     Either way tensors whose shape does not fit (the head, for other classes) are dropped."""
@@ -158,8 +163,8 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print):
 
 def download_weights(name):
     """torchvision's default ImageNet weights for `name`, from torch's hub folder or downloaded into it."""
-    if name in OWN_MODELS:
-        raise SystemExit(f"error: --pretrained: torchvision has no weights for our {name}; use --weights PATH")
+    if check_pretrained(name):
+        raise SystemExit(f"error: --pretrained: {check_pretrained(name)}")
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
         return weights.get_state_dict(progress=True)

@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import utils
 from evaluate import EVALUATE
-from model import (OWN_MODELS, build_model, check_model_name, freeze, keep_frozen_in_eval, list_models, load_weights,
-                   set_head_dropout)
+from model import (OWN_MODELS, build_model, check_model_name, check_pretrained, freeze, keep_frozen_in_eval,
+                   list_models, load_weights, set_head_dropout)
 
 # the defaults of each optimizer's recipe, for the flags not given. Muon's is airbench94's (at batch 1024: its
 # learning rates for our mean loss, 0.7x those of its batch 2000, and its momentum 0.7), for our smallnet.
@@ -169,8 +169,8 @@ def parse_args(argv=None):
         parser.error("--val-fraction must be between 0 and 1")
     if args.model and check_model_name(args.model):
         parser.error(f"--model: {check_model_name(args.model)}")
-    if args.pretrained and args.model in OWN_MODELS:
-        parser.error(f"--pretrained: torchvision has no weights for our {args.model}; use --weights PATH")
+    if args.pretrained and args.model and check_pretrained(args.model):
+        parser.error(f"--pretrained: {check_pretrained(args.model)}")
     if args.weights and not Path(args.weights).is_file():
         parser.error(f"--weights: {args.weights} does not exist")
     return args
