@@ -153,7 +153,11 @@ def stratified_split(samples, fraction, seed):
 
 def select_classes(found, wanted=None, ignore=(), where="the data"):
     """The classes to train on: `wanted` in its order (--classes), else those found, less `ignore`."""
-    # a found class that is neither wanted nor ignored is an error: its images would silently vanish
+    # a found class that is neither wanted nor ignored is an error: its images would silently vanish;
+    # an ignored class that is not found is a typo that would leave the class in
+    unknown = [c for c in ignore if c not in found]
+    if unknown:
+        raise SystemExit(f"error: --ignore-classes names {', '.join(unknown)}, which {where} does not have")
     kept = [c for c in found if c not in ignore]
     if not wanted:
         return kept
@@ -279,9 +283,12 @@ def name_labels(rows, names=None):
 
 
 def read_labelled_csv(csv_path, columns, names=None, ignore=(), multilabel=False, log=print):
-    """[(path, [class name, ...])] of a CSV file; columns: (image column, label column, label separator or None).
-    An ignored class leaves out the rows that have it, or with multilabel only that label."""
-    rows = name_labels(read_csv_samples(csv_path, *columns), names)
+    """[(path, [class name, ...])] of a CSV file; columns: (image column, label column, label separator or None)."""
+    return drop_ignored(name_labels(read_csv_samples(csv_path, *columns), names), csv_path, ignore, multilabel, log)
+
+
+def drop_ignored(rows, csv_path, ignore, multilabel, log):
+    """An ignored class leaves out the rows that have it, or with multilabel only that label."""
     if multilabel:
         kept = [(path, [label for label in labels if label not in ignore]) for path, labels in rows]
     else:
@@ -311,11 +318,12 @@ def index_labels(rows, classes, where, multilabel=False):
 def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), val_fraction=0.1, seed=0,
                      log=print, strict=False, wanted=None, ignore=(), multilabel=False):
     """(classes, train samples, val samples) of CSV files: like load_samples, with the labels in a column."""
-    train_rows = read_labelled_csv(train_csv, columns, wanted, ignore, multilabel, log)
+    train_rows = name_labels(read_csv_samples(train_csv, *columns), wanted)
     found = sorted({label for _, labels in train_rows for label in labels})
     if found and all(label.isdigit() for label in found):  # ids that name themselves: every id up to the largest
         found = [str(i) for i in range(max(map(int, found)) + 1)]
     classes = select_classes(found, wanted, ignore, train_csv)
+    train_rows = drop_ignored(train_rows, train_csv, ignore, multilabel, log)
     train = check_nonempty(scan_images(index_labels(train_rows, classes, train_csv, multilabel), strict, log),
                            classes, train_csv)
     if val_csv:

@@ -56,6 +56,11 @@ def test_csv_integer_ids_and_class_list(csv_dataset, tmp_path):
     assert classes == ["0", "1", "2"] and len(train) + len(val) == 48
     classes, train, _ = data.load_csv_samples(tmp_path / "ids.csv", wanted=names, log=lambda *_: None)
     assert classes == names and {t for _, t in train} == {0, 1, 2}
+    classes, train, val = data.load_csv_samples(tmp_path / "ids.csv", wanted=names, ignore=["square"],
+                                                log=lambda *_: None)
+    assert classes == ["circle", "triangle"] and len(train) + len(val) == 32
+    with pytest.raises(SystemExit, match="--ignore-classes names squares, which .*ids.csv does not have"):
+        data.load_csv_samples(tmp_path / "ids.csv", wanted=names, ignore=["squares"], log=lambda *_: None)
 
 
 def test_csv_saved_by_a_spreadsheet_reads_the_same(csv_dataset, tmp_path):
@@ -99,6 +104,8 @@ def test_classes_fix_the_order_and_ignore_classes_drops(tmp_path):
         data.load_samples(root, wanted=["cat", "car"], log=lambda *_: None)
     with pytest.raises(SystemExit, match="--classes names bird"):
         data.load_samples(root, wanted=["cat", "car", "dog", "bird"], log=lambda *_: None)
+    with pytest.raises(SystemExit, match="--ignore-classes names cars, which .*train does not have"):  # a typo
+        data.load_samples(root, ignore=["cars"], log=lambda *_: None)
     (tmp_path / "classes.txt").write_text("car\ncat\n")
     assert data.parse_class_list(str(tmp_path / "classes.txt")) == ["car", "cat"]
     assert data.parse_class_list("a, b,c") == ["a", "b", "c"]
