@@ -159,11 +159,11 @@ def get_args_parser():
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     if (args.data is None) == (args.val_csv is None):
-        get_args_parser().error("give one of --data and --val-csv")
-    if args.batch_size is not None and args.batch_size < 1:
-        get_args_parser().error("--batch-size must be at least 1")
+        parser.error("give one of --data and --val-csv")
+    utils.check_ranges(parser, args, {"batch_size": "[1, inf)", "workers": "[0, inf)", "topk": "[1, inf)"})
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     log = utils.make_logger(enabled=rank == 0)
 

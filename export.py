@@ -69,7 +69,9 @@ def export_onnx(model, sample, path, dynamic_batch):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    utils.check_ranges(parser, args, {"batch_size": "[1, inf)"})
     checkpoint = utils.load_checkpoint(args.ckpt)
     device = torch.device(args.device)
     dtype = torch.float16 if args.half else torch.float32

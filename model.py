@@ -11,6 +11,8 @@ import torch
 import torchvision
 from torch import nn
 
+from utils import first_line
+
 
 # -----------------------------------------------------------------------------
 # our own net for small images (32 to 64 px), trained as Keller Jordan's airbench94 (2024) trains his, itself a
@@ -159,6 +161,18 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print):
             state_dict = trained_weights(state_dict)  # one of our checkpoints
         load_matching(model, state_dict, weights, log)
     return model
+
+
+def check_image_size(model, name, img_size):
+    """An error, before training, when the model cannot take images of img_size (one image's forward pass)."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, img_size, img_size))
+    except Exception as e:  # pooling down to nothing, a fixed size (ViT), ...
+        raise SystemExit(f"error: --model {name} cannot take --img-size {img_size} images ({first_line(e)}); "
+                         "choose another --img-size or --model") from None
+    finally:
+        model.train()
 
 
 def download_weights(name):

@@ -99,8 +99,7 @@ def get_args_parser():
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.topk < 1 or args.batch_size < 1:
-        parser.error("--topk and --batch-size must be at least 1")
+    utils.check_ranges(parser, args, {"topk": "[1, inf)", "batch_size": "[1, inf)", "threshold": "[0, 1]"})
     paths = expand_inputs(args.inputs)
     device = torch.device(args.device or utils.default_device())
     model, classes, preprocess, multilabel = load_for_prediction(args.ckpt, device)

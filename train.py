@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import utils
 from evaluate import EVALUATE
-from model import (OWN_MODELS, build_model, check_model_name, check_pretrained, freeze, keep_frozen_in_eval,
+from model import (OWN_MODELS, build_model, check_image_size, check_model_name, check_pretrained, freeze, keep_frozen_in_eval,
                    list_models, load_weights, set_head_dropout)
 
 # the defaults of each optimizer's recipe, for the flags not given. Muon's is airbench94's (at batch 1024: its
@@ -46,6 +46,14 @@ RECIPES = {
                   label_smoothing=0.1),
     "muon": dict(lr=0.6, wd=3e-6, momentum=0.85, muon_lr=0.168, muon_momentum=0.7, batch=1024, lr_scaling="sqrt",
                  lr_scheduler="linear", lr_warmup_epochs=0.0, label_smoothing=0.2),
+}
+FLAG_RANGES = {  # the values a numeric flag takes: another is an error, not a run that does something odd
+    **dict.fromkeys(["epochs", "batch_size", "accum_steps", "img_size"], "[1, inf)"),
+    **dict.fromkeys(["workers", "freeze", "patience", "save_period", "save_every_steps", "crop_padding",
+                     "mixup_alpha", "cutmix_alpha", "lr", "muon_lr", "lr_min", "wd", "lr_warmup_epochs"], "[0, inf)"),
+    **dict.fromkeys(["dropout", "momentum", "muon_momentum", "label_smoothing", "model_ema_decay"], "[0, 1)"),
+    **dict.fromkeys(["min_scale", "crop_pct"], "(0, 1]"),
+    "random_erase": "[0, 1]", "val_fraction": "(0, 1)", "clip_grad_norm": "(0, inf)", "time": "(0, inf)",
 }
 SMALL_SET = 10_000  # fewer training images than this: suggest --pretrained for a torchvision model
 MIN_STEPS_PER_EPOCH = 16  # the default batch size shrinks (to a power of 2) to give small datasets this many
@@ -149,24 +157,13 @@ def parse_args(argv=None):
         if not Path(args.resume).is_file():
             parser.error(f"--resume: {args.resume} does not exist")
         return args
-    for name in ("epochs", "batch_size", "accum_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("workers", "freeze", "patience", "save_period", "save_every_steps"):
-        if (getattr(args, name) or 0) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    utils.check_ranges(parser, args, FLAG_RANGES)
     if args.data and args.train_csv:
         parser.error("give --data (a folder) or --train-csv (a CSV file), not both")
     if args.task == "multilabel" and (not args.train_csv or args.mixup_alpha or args.cutmix_alpha):
         parser.error("--task multilabel needs --train-csv, and does not take --mixup-alpha or --cutmix-alpha")
     if args.val_csv and not args.train_csv:
         parser.error("--val-csv goes with --train-csv")
-    if args.time is not None and args.time <= 0:
-        parser.error("--time must be a positive number of hours")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        parser.error("--dropout must be in [0, 1)")
-    if not 0 < args.val_fraction < 1:
-        parser.error("--val-fraction must be between 0 and 1")
     if args.model and check_model_name(args.model):
         parser.error(f"--model: {check_model_name(args.model)}")
     if args.pretrained and args.model and check_pretrained(args.model):
@@ -325,6 +322,7 @@ def make_model(args, num_classes, world_size, log):
     """The model to train and its frozen stages."""
     # SyncBatchNorm replaces BatchNorm modules, so it comes before the freezing, which holds the modules it froze
     model = build_model(args.model, num_classes, args.pretrained, args.weights, log)
+    check_image_size(model, args.model, args.img_size)
     if args.dropout is not None:
         set_head_dropout(model, args.dropout)
     if args.sync_bn and world_size > 1:

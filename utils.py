@@ -146,6 +146,18 @@ def deterministic_mode(deterministic):
 # -----------------------------------------------------------------------------
 # mixed precision: the same autocast in training and evaluation
 
+def check_ranges(parser, args, ranges):
+    """An argparse error for a flag outside its interval in `ranges`, e.g. {"lr": "[0, inf)", "dropout": "[0, 1)"}."""
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        if value is None:  # not given: the default decides
+            continue
+        if not ((low <= value if interval[0] == "[" else low < value) and
+                (value <= high if interval[-1] == "]" else value < high)):
+            parser.error(f"--{name.replace('_', '-')} must be in {interval}, got {value}")
+
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 

@@ -1,4 +1,5 @@
 """Bad files, bad flags, bad checkpoints: a clear message naming the culprit, never a traceback wall."""
+import importlib
 import json
 import pickle
 import re
@@ -143,3 +144,15 @@ def test_weights_of_another_model_version_are_named_with_what_to_do(trained_run,
                        (train.main, ["--resume", old])):
         with pytest.raises(SystemExit, match=r"old\.pt do not fit .*another version of model\.py.*fc\.bias"):
             main([str(arg) for arg in args])
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("evaluate", ["--data", "DATA", "--topk", "0"], "--topk must be in [1, inf), got 0"),  # printed "top-0" before
+    ("evaluate", ["--data", "DATA", "--workers", "-1"], "--workers must be in [0, inf), got -1"),
+    ("predict", ["image.jpg", "--threshold", "5"], "--threshold must be in [0, 1], got 5.0"),
+    ("export", ["--batch-size", "0"], "--batch-size must be in [1, inf), got 0"),
+])
+def test_flags_out_of_range_are_argparse_errors(script, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(script).main(["--ckpt", "never-read.pt", *flags])
+    assert exit.value.code == 2 and message in capsys.readouterr().err

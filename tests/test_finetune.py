@@ -105,7 +105,7 @@ def test_time_budget_refits_the_epochs_and_the_schedule(image_folder, tmp_path):
 def test_sync_bn_keeps_frozen_batchnorm_frozen():
     """SyncBatchNorm replaces resnet's top-level bn1: the frozen stages must be the modules left in the model."""
     import train
-    args = train.parse_args(["--model", "resnet18", "--freeze", "2", "--sync-bn"])
+    args = train.parse_args(["--model", "resnet18", "--freeze", "2", "--sync-bn", "--img-size", "32"])
     model, frozen = train.make_model(args, 3, 2, log=lambda *_: None)
     assert isinstance(model.bn1, torch.nn.SyncBatchNorm) and model.bn1 in frozen
     model.train()

@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+import re
 import math
 import signal
 import subprocess
@@ -409,8 +410,17 @@ def test_two_class_dataset_reports_top2(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["-b", "0"], "--batch-size must be at least 1"),
+    (["--epochs", "0"], "--epochs must be in [1, inf), got 0"),
+    (["-b", "0"], "--batch-size must be in [1, inf), got 0"),
+    (["--img-size", "0"], "--img-size must be in [1, inf), got 0"),  # 0 was taken for "not given"
+    (["--lr", "-1"], "--lr must be in [0, inf), got -1.0"),
+    (["--momentum", "2"], "--momentum must be in [0, 1), got 2.0"),
+    (["--min-scale", "2"], "--min-scale must be in (0, 1], got 2.0"),
+    (["--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
+    (["--mixup-alpha", "-1"], "--mixup-alpha must be in [0, inf), got -1.0"),
+    (["--random-erase", "2"], "--random-erase must be in [0, 1], got 2.0"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5"),
+    (["--model-ema-decay", "1.5"], "--model-ema-decay must be in [0, 1), got 1.5"),
     (["--model", "resnet19"], "did you mean resnet18"),
     (["--resume", "nowhere/last.pt"], "does not exist"),
     (["--weights", "nowhere/best.pt"], "--weights: nowhere/best.pt does not exist"),
@@ -420,6 +430,17 @@ def test_bad_flags_are_argparse_errors(flags, message, image_folder, capsys):
     with pytest.raises(SystemExit) as exit:
         train.main(["--data", str(image_folder), *flags])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,size,message", [
+    ("smallnet_tiny", 8, "--model smallnet_tiny cannot take --img-size 8 images"),  # its pooling leaves 0x0
+    ("vit_b_16", 32, "Wrong image height! Expected 224 but got 32"),  # a fixed size
+])
+def test_an_image_size_the_model_cannot_take_is_an_error(model, size, message, image_folder, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(["--data", str(image_folder), "--model", model, "--img-size", str(size), "--workers", "0",
+                    "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_pretrained_picks_a_model_that_has_weights_for_small_images(image_folder, tmp_path):
