@@ -271,6 +271,10 @@ def load_data(args, output_dir, local_rank, world_size, log):
     else:
         classes, train_samples, val_samples = data.load_samples(settled.get("data", args.data), args.val_fraction,
                                                                 args.seed, log, args.strict, wanted, ignore)
+    if len(classes) < 2 and args.task == "single":  # it would score 100% with nothing learnt
+        where = args.train_csv or Path(settled.get("data", args.data)) / "train"
+        raise SystemExit(f"error: {where} has one class ({', '.join(classes)}): a classifier needs two or more; "
+                         "for a yes/no question, add the images without the thing as a second class")
     img_size = args.img_size or data.infer_img_size([path for path, _ in train_samples])
     if args.img_size is None:
         log(f"data: image size {img_size} px, from the median short side of the training images (--img-size)")

@@ -125,6 +125,15 @@ def test_evaluate_on_a_split_without_usable_images_is_an_error(trained_run, tmp_
         evaluate.main(["--ckpt", str(run_dir / "best.pt"), "--data", str(root), "--workers", "0"])
 
 
+def test_a_single_class_is_an_error(tmp_path):
+    """One class trains to 100% top-1 (and a 'top-1 100% top-1 100%' line) with nothing learnt."""
+    import train
+    root = write_image_folder(tmp_path / "ds", classes=("circle",), n_train=4, n_val=2)
+    with pytest.raises(SystemExit, match=rf"{root}/train has one class \(circle\): a classifier needs two or more"):
+        train.main(["--data", str(root), "--workers", "0", "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_weights_of_another_model_version_are_named_with_what_to_do(trained_run, image_folder, tmp_path):
     """A checkpoint from an earlier model.py (smallnet's head once had a bias) makes every script that loads it
     exit naming the file, the tensor that does not fit, and what to do, instead of torch's traceback."""
