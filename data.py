@@ -239,7 +239,7 @@ def check_val_classes(val_dir, classes, log=print, ignore=()):
     return list_images(val_dir, classes, log)
 
 
-def read_csv_samples(csv_path, image_column="image", label_column="label", delimiter=None):
+def read_csv_samples(csv_path, image_column="image", label_column="label", delimiter=None, log=print):
     """[(path, [label, ...])] of a CSV file with a header; relative paths may not leave the CSV's folder."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -267,8 +267,22 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
                                  "CSV's folder, or absolute paths")
         text = row[label_column].strip()
         labels = [x.strip() for x in (text.split(delimiter) if delimiter else [text]) if x.strip()]
-        rows.append((str(path), labels))
-    return rows
+        rows.append((os.path.normpath(path), labels, reader.line_num))
+    return check_repeats(rows, csv_path, log)
+
+
+def check_repeats(rows, csv_path, log):
+    """[(path, labels)]: an image on two rows with other labels is an error; a repeated row, a warning."""
+    first = {}
+    for path, labels, line in rows:
+        seen_line, seen_labels = first.setdefault(path, (line, labels))
+        if sorted(seen_labels) != sorted(labels):
+            raise SystemExit(f"error: {csv_path} lines {seen_line} and {line} give {path} the labels "
+                             f"{', '.join(seen_labels)} and {', '.join(labels)}: keep the right one")
+    if len(first) < len(rows):
+        log(f"warning: {csv_path}: {len(rows) - len(first)} row(s) repeat an image of a row before: it counts once "
+            "more for each, in training and in the scores")
+    return [(path, labels) for path, labels, _ in rows]
 
 
 def name_labels(rows, names=None):
@@ -284,7 +298,8 @@ def name_labels(rows, names=None):
 
 def read_labelled_csv(csv_path, columns, names=None, ignore=(), multilabel=False, log=print):
     """[(path, [class name, ...])] of a CSV file; columns: (image column, label column, label separator or None)."""
-    return drop_ignored(name_labels(read_csv_samples(csv_path, *columns), names), csv_path, ignore, multilabel, log)
+    rows = read_csv_samples(csv_path, *columns, log=log)
+    return drop_ignored(name_labels(rows, names), csv_path, ignore, multilabel, log)
 
 
 def drop_ignored(rows, csv_path, ignore, multilabel, log):
@@ -318,7 +333,7 @@ def index_labels(rows, classes, where, multilabel=False):
 def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), val_fraction=0.1, seed=0,
                      log=print, strict=False, wanted=None, ignore=(), multilabel=False):
     """(classes, train samples, val samples) of CSV files: like load_samples, with the labels in a column."""
-    train_rows = name_labels(read_csv_samples(train_csv, *columns), wanted)
+    train_rows = name_labels(read_csv_samples(train_csv, *columns, log=log), wanted)
     found = sorted({label for _, labels in train_rows for label in labels})
     if found and all(label.isdigit() for label in found):  # ids that name themselves: every id up to the largest
         found = [str(i) for i in range(max(map(int, found)) + 1)]
@@ -328,6 +343,11 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
                            classes, train_csv)
     if val_csv:
         val_rows = read_labelled_csv(val_csv, columns, wanted, ignore, multilabel, log)
+        trained_on = {path for path, _ in train_rows}
+        seen = sum(path in trained_on for path, _ in val_rows)
+        if seen:
+            log(f"warning: {seen} image(s) of {val_csv} are also in {train_csv}: their scores are of images the "
+                "model trained on")
         val = scan_images(index_labels(val_rows, classes, val_csv, multilabel), strict, log)
     else:
         train, val = stratified_split(train, val_fraction, seed)

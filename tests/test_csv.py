@@ -76,6 +76,22 @@ def test_csv_saved_by_a_spreadsheet_reads_the_same(csv_dataset, tmp_path):
         data.read_csv_samples(tmp_path / "legacy.csv")
 
 
+def test_an_image_listed_twice(csv_dataset):
+    """Two labels for one image is an error naming both lines; a repeated row, or a val image that is also in
+    train (a score of an image trained on), is a warning with the count."""
+    rows = list(csv.reader(open(csv_dataset / "train.csv")))[1:]
+    assert rows[0][1] == "circle"
+    write_csv(csv_dataset / "twice.csv", rows + [(f"./{rows[0][0]}", "square")])
+    with pytest.raises(SystemExit, match=r"twice.csv lines 2 and 50 give .*circle/.* the labels circle and square"):
+        data.read_csv_samples(csv_dataset / "twice.csv")
+    write_csv(csv_dataset / "again.csv", rows + [rows[0]])
+    write_csv(csv_dataset / "leak.csv", list(csv.reader(open(csv_dataset / "val.csv")))[1:] + rows[:2])
+    messages = []
+    data.load_csv_samples(csv_dataset / "again.csv", csv_dataset / "leak.csv", log=messages.append)
+    assert any(m.startswith("warning: ") and "again.csv: 1 row(s) repeat an image" in m for m in messages), messages
+    assert any(m.startswith("warning: 2 image(s) of ") and "leak.csv are also in " in m for m in messages), messages
+
+
 def test_csv_path_leaving_its_folder_is_refused(csv_dataset, tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
