@@ -806,6 +806,9 @@ def train(args, stop):
 
     # data
     args, classes, train_samples, val_samples = load_data(args, output_dir, local_rank, world_size, log)
+    if checkpoint is not None and classes != checkpoint["classes"]:  # the outputs would learn other labels
+        raise SystemExit(f"error: the classes of the data ({', '.join(classes)}) are not the run's "
+                         f"({', '.join(checkpoint['classes'])}); resume on the run's data, or start a new run")
     preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
     train_loader, val_loader = data.make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
                                                  world_size, device, output_dir, log)

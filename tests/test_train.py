@@ -4,6 +4,7 @@ import csv
 import json
 import re
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,23 @@ def test_resume_refuses_flags_that_would_change_the_run(trained_run, image_folde
     # the run's own values, spelled as given or not, and what may change: the run is finished, nothing to do
     assert train.main(["--resume", str(last), "--epochs", "2", "--data", f"{image_folder}/", "--output-dir",
                        str(out), "--workers", "0", "--device", "cpu"]) is None
+
+
+def test_resume_on_data_whose_classes_changed_is_refused(trained_run, image_folder, tmp_path):
+    """A class renamed between the stop and the resume shifts the sorted class indices: the model's outputs would
+    be trained on other labels."""
+    out, _ = trained_run
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    data_now = tmp_path / "data"
+    shutil.copytree(image_folder, data_now)
+    for split in ("train", "val"):
+        (data_now / split / "triangle").rename(data_now / split / "arrow")
+    checkpoint["args"].update(epochs=3, data=str(data_now), output_dir=str(tmp_path))  # stopped after 2 of 3 epochs
+    torch.save(checkpoint, tmp_path / "last.pt")
+    with pytest.raises(SystemExit, match=r"the classes of the data \(arrow, circle, square\) are not the run's "
+                                         r"\(circle, square, triangle\)"):
+        train.main(["--resume", str(tmp_path / "last.pt"), "--workers", "0"])
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
 
 
 def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
