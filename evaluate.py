@@ -11,6 +11,7 @@
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,8 @@ def main(argv=None):
     if (args.data is None) == (args.val_csv is None):
         parser.error("give one of --data and --val-csv")
     utils.check_ranges(parser, args, {"batch_size": "[1, inf)", "workers": "[0, inf)", "topk": "[1, inf)"})
+    for path in filter(None, (args.json, args.csv, args.plot)):  # into new folders, as train.py's --output-dir
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     log = utils.make_logger(enabled=rank == 0)
 

@@ -80,6 +80,7 @@ def main(argv=None):
     sample = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
     suffix = ".torchscript" if args.format == "torchscript" else ".onnx"
     path = Path(args.output or Path(args.ckpt).with_suffix(suffix))
+    path.parent.mkdir(parents=True, exist_ok=True)
 
     with torch.inference_mode():
         expected = model(sample).float().cpu()

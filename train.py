@@ -334,6 +334,8 @@ def make_model(args, num_classes, world_size, log):
     frozen = []
     if args.freeze or args.freeze_backbone:
         frozen = freeze(model, -1 if args.freeze_backbone else args.freeze, log)
+        if not (args.pretrained or args.weights):
+            log("warning: --freeze without --pretrained or --weights: the frozen stages keep their random weights")
     return model, frozen
 
 

@@ -40,14 +40,16 @@ print(json.dumps([meta["classes"][i] for i in model(batch).argmax(1).tolist()]))
 
 
 def test_half_precision_export_predicts_like_the_checkpoint(trained_run, image_folder, tmp_path):
-    """export.py --half: float16 weights; predict.py feeds the file float16 images and names the same classes."""
+    """export.py --half: float16 weights; predict.py feeds the file float16 images and names the same classes. The
+    file goes into a folder that does not exist yet."""
     run_dir, _ = trained_run
-    run_script("export.py", "--ckpt", run_dir / "best.pt", "--half", "--output", tmp_path / "half.torchscript")
-    assert json.loads((tmp_path / "half.torchscript.json").read_text())["input"].startswith("float16")
+    exported = tmp_path / "new" / "half.torchscript"
+    run_script("export.py", "--ckpt", run_dir / "best.pt", "--half", "--output", exported)
+    assert json.loads((tmp_path / "new" / "half.torchscript.json").read_text())["input"].startswith("float16")
     images = sorted(str(p) for p in (image_folder / "val").rglob("*.*g"))
     top1 = [[r["predictions"][0]["class"] for r in json.loads(run_script(
         "predict.py", *images, "--ckpt", ckpt, "--json").stdout)]
-        for ckpt in (run_dir / "best.pt", tmp_path / "half.torchscript")]
+        for ckpt in (run_dir / "best.pt", exported)]
     assert top1[0] == top1[1]
 
 

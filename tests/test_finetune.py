@@ -25,7 +25,7 @@ def test_freeze_backbone_trains_only_the_head(trained_run, tmp_path):
     out = tmp_path / "ft"
     result = run_script("train.py", "--data", other, "--epochs", 1, *TINY, "--weights", run_dir / "best.pt",
                         "--freeze-backbone", "--output-dir", out)
-    assert "froze 4 of 5 stages; training fc" in result.stdout
+    assert "froze 4 of 5 stages; training fc" in result.stdout and "--freeze without" not in result.stdout
     assert "dropped 1 tensor(s) of another shape" in result.stdout  # the 3-class head (smallnet's has no bias)
     before = torch.load(run_dir / "best.pt", weights_only=True)["model"]
     after = torch.load(out / "last.pt", weights_only=True)["model"]
@@ -106,8 +106,10 @@ def test_sync_bn_keeps_frozen_batchnorm_frozen():
     """SyncBatchNorm replaces resnet's top-level bn1: the frozen stages must be the modules left in the model."""
     import train
     args = train.parse_args(["--model", "resnet18", "--freeze", "2", "--sync-bn", "--img-size", "32"])
-    model, frozen = train.make_model(args, 3, 2, log=lambda *_: None)
+    messages = []
+    model, frozen = train.make_model(args, 3, 2, log=messages.append)
     assert isinstance(model.bn1, torch.nn.SyncBatchNorm) and model.bn1 in frozen
+    assert "warning: --freeze without --pretrained or --weights" in messages[-1]  # random weights, frozen
     model.train()
     models.keep_frozen_in_eval(frozen)
     assert not model.bn1.training and not model.bn1.weight.requires_grad and model.layer1[0].bn1.training
@@ -118,8 +120,8 @@ def test_plots_are_written_and_legible(trained_run, image_folder, tmp_path):
     for name in ("results.png", "confusion_matrix.png"):
         with Image.open(run_dir / name) as image:
             assert image.width >= 200 and len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
-    run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", image_folder, "--plot", tmp_path / "cm.png")
-    assert (tmp_path / "cm.png").exists()
+    run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", image_folder, "--plot", tmp_path / "new" / "cm.png")
+    assert (tmp_path / "new" / "cm.png").exists()
 
 
 def test_plot_axes_have_round_ticks_and_percentages_stay_within_0_to_100():

@@ -99,17 +99,18 @@ def test_resume_on_data_whose_classes_changed_is_refused(trained_run, image_fold
 
 
 def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
+    """The figures of best.pt, and its files written into folders that do not exist yet."""
     out, _ = trained_run
     best = torch.load(out / "best.pt", weights_only=True)
     result = run_script("evaluate.py", "--ckpt", out / "best.pt", "--data", image_folder, "--workers", 0,
-                        "--json", tmp_path / "m.json", "--csv", tmp_path / "m.csv")
-    metrics = json.loads((tmp_path / "m.json").read_text())
+                        "--json", tmp_path / "new" / "m.json", "--csv", tmp_path / "new2" / "m.csv")
+    metrics = json.loads((tmp_path / "new" / "m.json").read_text())
     assert metrics["count"] == 18
     assert metrics["top1"] == pytest.approx(best["metrics"]["top1"], abs=1e-6)
     assert metrics["loss"] == pytest.approx(best["metrics"]["loss"], rel=1e-4)
     assert sum(map(sum, metrics["confusion"])) == 18 and metrics["k"] == 3  # top-5 capped at 3 classes
     assert "per-class top-1" in result.stdout and "confusion matrix" in result.stdout and "triangle" in result.stdout
-    rows = list(csv.reader(open(tmp_path / "m.csv")))
+    rows = list(csv.reader(open(tmp_path / "new2" / "m.csv")))
     assert rows[0][:3] == ["class", "images", "top1"] and len(rows) == 4
 
 
