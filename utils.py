@@ -333,7 +333,9 @@ def plot_confusion(confusion, classes, path):
     names = [name if len(name) <= 24 else name[:23] + "…" for name in classes]
     label = 12 + max(int(font.getlength(name)) for name in names)
     size = label + n * cell + 20
-    image = Image.new("RGB", (size, size + 30), "white")
+    caption, caption_font = "predicted (columns) / true (rows), each row normalised", ImageFont.load_default(size=13)
+    width = max(size, int(caption_font.getlength(caption)) + 20)  # few classes: the caption sets the width
+    image = Image.new("RGB", (width, size + 30), "white")
     draw = ImageDraw.Draw(image)
     counts = np.asarray(confusion, dtype=np.float64)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -350,6 +352,5 @@ def plot_confusion(confusion, classes, path):
         column = Image.new("RGB", (label, cell), "white")  # column names: drawn sideways, then turned
         ImageDraw.Draw(column).text((label - 6, cell / 2), names[i], fill="black", font=font, anchor="rm")
         image.paste(column.rotate(-90, expand=True), (label + i * cell, 0))
-    draw.text((label + n * cell / 2, size + 8), "predicted (columns) / true (rows), each row normalised",
-              fill="black", font=ImageFont.load_default(size=13), anchor="mt")
+    draw.text((width / 2, size + 8), caption, fill="black", font=caption_font, anchor="mt")
     image.save(path)

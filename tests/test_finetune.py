@@ -120,7 +120,8 @@ def test_plots_are_written_and_legible(trained_run, image_folder, tmp_path):
     for name in ("results.png", "confusion_matrix.png"):
         with Image.open(run_dir / name) as image:
             assert image.width >= 200 and len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
-    run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", image_folder, "--plot", tmp_path / "new" / "cm.png")
+    run_script("evaluate.py", "--ckpt", run_dir / "best.pt", "--data", image_folder, "--plot",
+               tmp_path / "new" / "cm.png")
     assert (tmp_path / "new" / "cm.png").exists()
 
 
@@ -132,13 +133,16 @@ def test_plot_axes_have_round_ticks_and_percentages_stay_within_0_to_100():
     assert utils.nice_ticks(1, 14, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
 
 
-@pytest.mark.parametrize("n", [2, 100])
-def test_confusion_matrix_scales_from_2_to_100_classes(tmp_path, n):
-    classes = [f"class_{i:03d}_with_a_long_name" for i in range(n)]
+@pytest.mark.parametrize("n,name", [(2, "class_{:03d}_with_a_long_name"), (100, "class_{:03d}_with_a_long_name"),
+                                    (3, "c{}")])
+def test_confusion_matrix_scales_from_2_to_100_classes(tmp_path, n, name):
+    classes = [name.format(i) for i in range(n)]
     confusion = torch.eye(n, dtype=torch.int64).mul(5).tolist()
     utils.plot_confusion(confusion, classes, tmp_path / "cm.png")
     with Image.open(tmp_path / "cm.png") as image:
         assert 200 <= image.width <= 2000 and image.height <= 2100
+        caption = np.asarray(image.convert("L"))[-30:]
+        assert (caption[:, :3] == 255).all() and (caption[:, -3:] == 255).all()  # the caption fits: not cut off
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
     cell = max(12, min(60, 1200 // n))  # 2 classes: 60 px cells; 100 classes: 12 px, room for 10 px text
     dark = (pixels == (8, 48, 107)).all(1).sum()  # a share of 1.0: the diagonal cells
