@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from utils import agree_on_failure, seed_from
+from utils import agree_on_failure, first_line, seed_from
 
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision pretrained model expects these
@@ -698,6 +698,26 @@ def build_cache(samples, side, resize, folder, workers=0, log=print, strict=Fals
     return np.load(path, mmap_mode="c"), np.load(path.with_suffix(".aspects")), usable
 
 
+def open_cache_arrays(partial_path, aspects_path, images, mode):
+    """The memory-mapped arrays of a cache build; new ones have their disk blocks allocated first."""
+    # a full disk (or quota) would otherwise show while the map is written: a SIGBUS that kills without a message
+    shape = (len(images), images.side, images.side, 3)
+    try:
+        arrays = (np.lib.format.open_memmap(partial_path, mode, np.uint8, shape),
+                  np.lib.format.open_memmap(aspects_path, mode, np.float32, shape[:1]))
+        if mode == "w+" and hasattr(os, "posix_fallocate"):  # macOS has none
+            for path in (partial_path, aspects_path):
+                with open(path, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        return arrays
+    except OSError as e:
+        for path in (partial_path, aspects_path):
+            path.unlink(missing_ok=True)
+        raise SystemExit(f"error: no room for the decoded images ({math.prod(shape) / 2**20:,.0f} MiB) in "
+                         f"{partial_path.parent} ({first_line(e)}): free disk space there, or train with "
+                         "--no-cache") from None
+
+
 def decode_into(path, images, workers, log, chunk):
     """Decodes `images` (a DecodedImages) into `path`, their aspect ratios into path.aspects, the list of
     undecodable ones into path.json."""
@@ -705,9 +725,7 @@ def decode_into(path, images, workers, log, chunk):
     # build (an ImageNet-sized set takes an hour) goes on where it stopped. Renamed when complete: never half used.
     partial_path, progress = path.with_suffix(".partial"), path.with_suffix(".progress.json")
     done, bad = json.loads(progress.read_text()) if progress.exists() and partial_path.exists() else (0, [])
-    mode = "r+" if done else "w+"
-    array = np.lib.format.open_memmap(partial_path, mode, np.uint8, (len(images), images.side, images.side, 3))
-    aspects = np.lib.format.open_memmap(path.with_suffix(".aspects"), mode, np.float32, (len(images),))
+    array, aspects = open_cache_arrays(partial_path, path.with_suffix(".aspects"), images, "r+" if done else "w+")
     if done:
         log(f"data: the cache build of {path.name} goes on at image {done}/{len(images)}")
     chunks = [list(range(i, min(i + chunk, len(images)))) for i in range(done, len(images), chunk)]

@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import utils
 from evaluate import EVALUATE
-from model import (OWN_MODELS, build_model, check_image_size, check_model_name, check_pretrained, freeze, keep_frozen_in_eval,
-                   list_models, load_weights, set_head_dropout)
+from model import (OWN_MODELS, build_model, check_image_size, check_model_name, check_pretrained, freeze,
+                   keep_frozen_in_eval, list_models, load_weights, set_head_dropout)
 
 # the defaults of each optimizer's recipe, for the flags not given. Muon's is airbench94's (at batch 1024: its
 # learning rates for our mean loss, 0.7x those of its batch 2000, and its momentum 0.7), for our smallnet.

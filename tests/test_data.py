@@ -309,6 +309,26 @@ def test_cache_leaves_out_files_that_do_not_decode(tmp_path):
         data.build_cache(samples, 32, 32, tmp_path / "cache", strict=True)
 
 
+def test_a_cache_that_does_not_fit_on_the_disk_is_a_clear_error(tmp_path):
+    """A full disk (here a file-size limit: the same error) when the cache is created: an error that says what to
+    do, and no partial file left on the disk. The cache's blocks are allocated first: a disk that fills while the
+    memory map is written would kill the process with SIGBUS, and no message (a tmpfs too small showed it)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    root = write_image_folder(tmp_path / "ds", n_train=40, splits=("train",))  # 120 images of 64 px: 1.4 MB
+    build = (f"import resource, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import data\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))\n"
+             f"data.build_cache(data.list_images({str(root / 'train')!r}, ['circle', 'square', 'triangle']), 64, 64, "
+             f"{str(tmp_path / 'cache')!r})")
+    result = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: no room for the decoded images (1 MiB) in {tmp_path / 'cache'}" in result.stderr
+    assert "--no-cache" in result.stderr
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"]
+
+
 def test_interrupted_cache_build_goes_on_where_it_stopped(tmp_path):
     """SIGKILL a cache build after some chunks are on disk: the next build decodes only the rest, says so, and
     gives the same array as decoding every file now."""
