@@ -149,7 +149,7 @@ def get_args_parser():
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     p.add_argument("-b", "--batch-size", type=int, help="per process (default: the training batch size)")
     p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes per process (default: 2)")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--amp", choices=list(utils.AMP_DTYPES), help="mixed precision (default: the training run's)")
     p.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, at most the classes (default: 5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: flips (and shifts up to 64 px)")

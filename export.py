@@ -73,7 +73,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     utils.check_ranges(parser, args, {"batch_size": "[1, inf)"})
     checkpoint = utils.load_checkpoint(args.ckpt)
-    device = torch.device(args.device)
+    device = utils.get_device(args.device)
     dtype = torch.float16 if args.half else torch.float32
     model = model_from_checkpoint(checkpoint, args.ckpt).to(device, dtype)
     size = checkpoint["preprocess"]["img_size"]

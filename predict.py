@@ -91,7 +91,7 @@ def get_args_parser():
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multilabel: every class with at least this probability (default: 0.5)")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -101,7 +101,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     utils.check_ranges(parser, args, {"topk": "[1, inf)", "batch_size": "[1, inf)", "threshold": "[0, 1]"})
     paths = expand_inputs(args.inputs)
-    device = torch.device(args.device or utils.default_device())
+    device = utils.get_device(args.device)
     model, classes, preprocess, multilabel = load_for_prediction(args.ckpt, device)
     threshold = args.threshold if multilabel else None
     results = predict(model, paths, preprocess, device, args.batch_size, args.topk, threshold)

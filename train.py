@@ -134,7 +134,7 @@ def get_args_parser():
     p.add_argument("--channels-last", action=bool_flag, default=True, help="NHWC memory format (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
     p.add_argument("--deterministic", action="store_true", help="bitwise repeatable runs (slower kernels on GPU)")
     p.add_argument("--patience", type=int, default=0, help="stop when val top-1 stalls N epochs (default: 0, never)")

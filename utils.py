@@ -21,13 +21,9 @@ def setup_distributed(device_arg=None):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(device_arg or default_device())
+    device = get_device(device_arg)
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"error: process {local_rank} of this node needs GPU {local_rank} (one GPU per process), "
-                             f"but {torch.cuda.device_count()} GPU(s) are visible: start at most that many processes "
-                             "per node (torchrun --nproc_per_node), or train on the CPU with --device cpu")
-        device = torch.device("cuda", local_rank)  # one GPU per process
+        device = torch.device("cuda", gpu_index(device, local_rank, world_size, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -35,6 +31,31 @@ def setup_distributed(device_arg=None):
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
                                 device_id=device if device.type == "cuda" else None)
     return rank, local_rank, world_size, device
+
+
+def get_device(name=None):
+    """The torch.device of --device NAME (default: the best available); an error if this machine has none."""
+    try:
+        device = torch.device(name or default_device())
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: not a device (cuda, cuda:1, mps or cpu)") from None
+    kind = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(device.type, getattr(torch, device.type, None))
+    if device.type != "cpu" and not (kind and kind.is_available()):
+        raise SystemExit(f"error: --device {name}: this machine has no {device.type} device; use --device cpu")
+    return device
+
+
+def gpu_index(device, local_rank, world_size, visible):
+    """This process's GPU: the one of --device cuda:N in a single process, else that of its local rank."""
+    if device.index is not None and world_size > 1:
+        raise SystemExit(f"error: --device {device} picks one GPU, but torchrun gives each process the GPU of its "
+                         "local rank: give --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    index = local_rank if device.index is None else device.index
+    if index >= visible:
+        raise SystemExit(f"error: process {local_rank} of this node needs GPU {index} (one GPU per process), but "
+                         f"{visible} GPU(s) are visible: start at most that many processes per node (torchrun "
+                         "--nproc_per_node), or name a GPU that is here, or use --device cpu")
+    return index
 
 
 def default_device():

@@ -165,3 +165,16 @@ def test_flags_out_of_range_are_argparse_errors(script, flags, message, capsys):
     with pytest.raises(SystemExit) as exit:
         importlib.import_module(script).main(["--ckpt", "never-read.pt", *flags])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "predict", "export"])
+def test_a_device_that_is_not_here_is_named(script, trained_run, image_folder):
+    """--device of a kind this machine lacks, or a name torch does not know: an error, in every script."""
+    ckpt, image = str(trained_run[0] / "best.pt"), str(next((image_folder / "val" / "circle").iterdir()))
+    flags = {"train": ["--data", str(image_folder)], "evaluate": ["--ckpt", ckpt, "--data", str(image_folder)],
+             "predict": [image, "--ckpt", ckpt], "export": ["--ckpt", ckpt]}[script]
+    absent = "cuda" if not torch.cuda.is_available() else "mps"
+    for device, message in ((absent, f"--device {absent}: this machine has no {absent} device"),
+                            ("gpu", "--device gpu: not a device")):
+        with pytest.raises(SystemExit, match=message):
+            importlib.import_module(script).main([*flags, "--device", device])

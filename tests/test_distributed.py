@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import utils
 from conftest import ROOT, run_script, write_image_folder
 
 # two processes on two cores; on the CPU (gloo) also where a GPU is visible: one GPU cannot take two processes
@@ -181,11 +182,19 @@ def test_sync_bn_on_cpu_is_a_clear_error(image_folder, tmp_path):
 
 
 def test_more_processes_than_gpus_is_a_clear_error(image_folder, tmp_path):
-    """--device cuda where no GPU is visible (CUDA_VISIBLE_DEVICES is empty here): process 0 has no GPU either."""
+    """--device cuda where no GPU is visible (CUDA_VISIBLE_DEVICES is empty here): every process says so. Which
+    GPU a process takes (its local rank's, or --device cuda:N's in a single process), with 2 visible:"""
     result = torchrun("train.py", "--data", image_folder, "--epochs", 1, "--device", "cuda", "--output-dir",
                       tmp_path / "x", check=False)
     assert result.returncode != 0
-    assert "needs GPU 0 (one GPU per process), but 0 GPU(s) are visible" in result.stdout + result.stderr
+    assert (result.stdout + result.stderr).count("--device cuda: this machine has no cuda device") == 2
+    cuda, cuda1 = torch.device("cuda"), torch.device("cuda:1")
+    assert [utils.gpu_index(cuda, rank, 2, 2) for rank in (0, 1)] == [0, 1]
+    assert utils.gpu_index(cuda1, 0, 1, 2) == 1  # before, a single process took GPU 0 whatever N was
+    with pytest.raises(SystemExit, match=r"process 2 of this node needs GPU 2 .* but 2 GPU\(s\) are visible"):
+        utils.gpu_index(cuda, 2, 3, 2)
+    with pytest.raises(SystemExit, match="--device cuda:1 picks one GPU, but torchrun gives each process"):
+        utils.gpu_index(cuda1, 0, 2, 2)
 
 
 def test_one_failing_process_ends_the_job(tmp_path):
