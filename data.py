@@ -280,8 +280,8 @@ def check_repeats(rows, csv_path, log):
             raise SystemExit(f"error: {csv_path} lines {seen_line} and {line} give {path} the labels "
                              f"{', '.join(seen_labels)} and {', '.join(labels)}: keep the right one")
     if len(first) < len(rows):
-        log(f"warning: {csv_path}: {len(rows) - len(first)} row(s) repeat an image of a row before: it counts once "
-            "more for each, in training and in the scores")
+        log(f"warning: {csv_path}: {len(rows) - len(first)} row(s) repeat an earlier row's image, which then counts "
+            "once more for each, in training and in the scores")
     return [(path, labels) for path, labels, _ in rows]
 
 
@@ -367,14 +367,16 @@ def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print
             raise SystemExit(f"error: {data_root} has no test/ folder")
         return scan_images(check_val_classes(test_dir, classes, log, ignore), strict, log)
     train_dir = Path(data_root) / "train"
-    data_classes = select_classes(find_classes(train_dir), None, ignore) if train_dir.is_dir() else []
+    found = find_classes(train_dir) if train_dir.is_dir() else []
+    ignored_here = [c for c in ignore if c in found]  # the run's --ignore-classes: this data may lack some
+    data_classes = select_classes(found, None, ignored_here)
     if sorted(data_classes) != sorted(classes):
         raise SystemExit(f"error: the classes of {train_dir} ({', '.join(data_classes)}) are not the "
                          f"checkpoint's ({', '.join(classes)}); evaluate on the data the model was trained for")
     val_dir = find_val_dir(data_root)
     if split == "val" and val_dir is not None:
         return scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
-    _, train, val = load_samples(data_root, val_fraction, seed, log, strict, wanted=list(classes), ignore=ignore)
+    _, train, val = load_samples(data_root, val_fraction, seed, log, strict, wanted=list(classes), ignore=ignored_here)
     return train if split == "train" else val
 
 
