@@ -269,6 +269,18 @@ def format_table(rows, header):
 COLORS = {"train": (31, 119, 180), "val": (255, 127, 14)}
 
 
+def text_font(size):
+    """A system font with accented letters where there is one (DejaVu Sans on Linux, Arial on macOS and Windows),
+    else Pillow's own, which has none."""
+    from PIL import ImageFont
+    for name in ("DejaVuSans.ttf", "Arial.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
 def plot_results(rows, path, val_score="val_top1"):
     """results.png: loss and top-1 (val: `val_score`) per epoch, from results.csv's rows (dicts of strings)."""
     from PIL import Image, ImageDraw
@@ -295,8 +307,7 @@ def nice_ticks(low, high, count=5, limits=None):
 
 
 def line_chart(draw, box, xs, series, title, limits=None):
-    from PIL import ImageFont
-    font = ImageFont.load_default(size=13)
+    font = text_font(13)
     left, top, right, bottom = box
     values = [y for _, ys in series for y in ys if math.isfinite(y)] or [0.0]
     y_ticks, x_ticks = nice_ticks(min(values), max(values), 5, limits), nice_ticks(xs[0], xs[-1], 8)
@@ -329,8 +340,8 @@ def line_chart(draw, box, xs, series, title, limits=None):
 def save_image_grid(images, captions, path, columns=8):
     """A JPEG of uint8 [N, 3, H, W] images in rows of `columns`, each with a caption of up to two lines below it."""
     # small images are enlarged to about 96 px, nearest neighbour, so their pixels stay visible
-    from PIL import Image, ImageDraw, ImageFont
-    font = ImageFont.load_default(size=11)
+    from PIL import Image, ImageDraw
+    font = text_font(11)
     n, _, h, w = images.shape
     scale = max(1, 96 // max(h, w))
     cell_w, cell_h = w * scale, h * scale + 30
@@ -347,14 +358,14 @@ def save_image_grid(images, captions, path, columns=8):
 
 def plot_confusion(confusion, classes, path):
     """confusion_matrix.png: each row (true class) normalised, white to dark blue, class names on both axes."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     n = len(classes)
     cell = max(12, min(60, 1200 // n))  # 2 classes: 60 px cells; 100 classes: 12 px
-    font = ImageFont.load_default(size=min(14, cell - 2))
+    font = text_font(min(14, cell - 2))
     names = [name if len(name) <= 24 else name[:23] + "…" for name in classes]
     label = 12 + max(int(font.getlength(name)) for name in names)
     size = label + n * cell + 20
-    caption, caption_font = "predicted (columns) / true (rows), each row normalised", ImageFont.load_default(size=13)
+    caption, caption_font = "predicted (columns) / true (rows), each row normalised", text_font(13)
     width = max(size, int(caption_font.getlength(caption)) + 20)  # few classes: the caption sets the width
     image = Image.new("RGB", (width, size + 30), "white")
     draw = ImageDraw.Draw(image)

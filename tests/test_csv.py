@@ -88,7 +88,8 @@ def test_an_image_listed_twice(csv_dataset):
     write_csv(csv_dataset / "leak.csv", list(csv.reader(open(csv_dataset / "val.csv")))[1:] + rows[:2])
     messages = []
     data.load_csv_samples(csv_dataset / "again.csv", csv_dataset / "leak.csv", log=messages.append)
-    assert any(m.startswith("warning: ") and "again.csv: 1 row(s) repeat an earlier row's image" in m for m in messages), messages
+    repeat = "again.csv: 1 row(s) repeat an earlier row's image"
+    assert any(m.startswith("warning: ") and repeat in m for m in messages), messages
     assert any(m.startswith("warning: 2 image(s) of ") and "leak.csv are also in " in m for m in messages), messages
 
 

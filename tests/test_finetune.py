@@ -133,6 +133,18 @@ def test_plot_axes_have_round_ticks_and_percentages_stay_within_0_to_100():
     assert utils.nice_ticks(1, 14, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
 
 
+def test_plots_write_accented_class_names_where_the_system_has_a_font_for_them():
+    """Pillow's own font has no accented letters: a class named café came out as caf□. A system font with them
+    (DejaVu Sans on Linux, Arial elsewhere) is used where there is one."""
+    from PIL import ImageFont
+    try:
+        ImageFont.truetype("DejaVuSans.ttf", 13)
+    except OSError:
+        pytest.skip("no DejaVu Sans on this system")
+    font = utils.text_font(13)
+    assert bytes(font.getmask("é")) != bytes(font.getmask("\u0378"))  # U+0378 is no character: drawn as a box
+
+
 @pytest.mark.parametrize("n,name", [(2, "class_{:03d}_with_a_long_name"), (100, "class_{:03d}_with_a_long_name"),
                                     (3, "c{}")])
 def test_confusion_matrix_scales_from_2_to_100_classes(tmp_path, n, name):
