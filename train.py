@@ -55,6 +55,15 @@ FLAG_RANGES = {  # the values a numeric flag takes: another is an error, not a r
     **dict.fromkeys(["min_scale", "crop_pct"], "(0, 1]"),
     "random_erase": "[0, 1]", "val_fraction": "(0, 1)", "clip_grad_norm": "(0, inf)", "time": "(0, inf)",
 }
+NO_EFFECT = {  # flags that other settings ignore: given with them, a warning says so
+    "momentum": (lambda a: a.opt == "adamw", "with --opt adamw"),
+    "muon_lr": (lambda a: a.opt != "muon", "without --opt muon"),
+    "muon_momentum": (lambda a: a.opt != "muon", "without --opt muon"),
+    "label_smoothing": (lambda a: a.task == "multilabel", "with --task multilabel"),
+    "crop_padding": (lambda a: a.train_crop == "resized", "with --train-crop resized"),
+    "min_scale": (lambda a: a.train_crop == "padded", "with --train-crop padded"),
+    "model_ema_decay": (lambda a: not a.model_ema, "without --model-ema"),
+}
 SMALL_SET = 10_000  # fewer training images than this: suggest --pretrained for a torchvision model
 MIN_STEPS_PER_EPOCH = 16  # the default batch size shrinks (to a power of 2) to give small datasets this many
 RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of images with every label right
@@ -288,7 +297,18 @@ def load_data(args, output_dir, local_rank, world_size, log):
         log(f"hint: {len(train_samples)} training images are few to train {model_name} from scratch; on photos, "
             "--pretrained (torchvision's ImageNet weights) is what helps most")
     settled.update(recipe_defaults(args, model_name, len(train_samples), world_size, log))
-    return argparse.Namespace(**{**vars(args), **settled}), classes, train_samples, val_samples
+    settled_args = argparse.Namespace(**{**vars(args), **settled})
+    if not args.resume:  # a resumed run said so when it started
+        warn_of_ignored_flags(args, settled_args, log)
+    return settled_args, classes, train_samples, val_samples
+
+
+def warn_of_ignored_flags(given, settled, log):
+    """A warning for each flag given that the other settings ignore (NO_EFFECT)."""
+    defaults = get_args_parser()
+    for name, (ignored, why) in NO_EFFECT.items():
+        if getattr(given, name) != defaults.get_default(name) and ignored(settled):
+            log(f"warning: --{name.replace('_', '-')} does nothing {why}")
 
 
 def recipe_defaults(args, model_name, train_images, world_size, log):

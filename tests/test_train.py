@@ -462,6 +462,24 @@ def test_an_image_size_the_model_cannot_take_is_an_error(model, size, message, i
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_flag_that_the_other_settings_ignore_is_a_warning(image_folder, tmp_path):
+    """--momentum with AdamW, --crop-padding with resized crops, --model-ema-decay without --model-ema: given, they
+    did nothing, silently. The settings that do use them, and flags left at their defaults, warn of nothing."""
+    messages = []
+    given = ["--opt", "adamw", "--momentum", "0.8", "--train-crop", "resized", "--crop-padding", "3",
+             "--model-ema-decay", "0.99", "--muon-lr", "0.1", "--min-scale", "0.3"]
+    train.load_data(train.parse_args(["--data", str(image_folder), *given]), tmp_path, 0, 1, messages.append)
+    warnings = [m for m in messages if m.startswith("warning: ")]
+    assert warnings == ["warning: --momentum does nothing with --opt adamw",
+                        "warning: --muon-lr does nothing without --opt muon",
+                        "warning: --crop-padding does nothing with --train-crop resized",
+                        "warning: --model-ema-decay does nothing without --model-ema"], warnings
+    messages.clear()
+    train.load_data(train.parse_args(["--data", str(image_folder), "--momentum", "0.8", "--crop-padding", "3"]),
+                    tmp_path, 0, 1, messages.append)  # the defaults here: muon (its SGD part), padded crops
+    assert not [m for m in messages if m.startswith("warning: ")]
+
+
 def test_pretrained_picks_a_model_that_has_weights_for_small_images(image_folder, tmp_path):
     args = train.parse_args(["--data", str(image_folder), "--pretrained"])
     settled, *_ = train.load_data(args, tmp_path, 0, 1, lambda *_: None)
