@@ -211,6 +211,11 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
     return classes, train, val
 
 
+def files_digest(samples):
+    """Which files a split holds, in 16 hex digits: a checkpoint keeps its validation split's."""
+    return hashlib.sha1("\n".join(path for path, _ in samples).encode()).hexdigest()[:16]
+
+
 def find_val_dir(data_root):
     """DATA/val, else DATA/test, else None (validation is then carved out of train/)."""
     return next((Path(data_root) / s for s in ("val", "test") if (Path(data_root) / s).is_dir()), None)

@@ -183,6 +183,10 @@ def main(argv=None):
     else:
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)
+        carved = args.split == "val" and data.find_val_dir(args.data) is None
+        if carved and checkpoint.get("val_files", data.files_digest(samples)) != data.files_digest(samples):
+            log(f"warning: the val split carved from {args.data}/train is not the run's (files were added, removed "
+                "or renamed since): it may hold images the model trained on")
     if not samples:
         raise SystemExit(f"error: no usable images in {args.val_csv or f'the {args.split} split of {args.data}'}")
     loader = data.eval_batches(samples, preprocess, args.batch_size or train_args["batch_size"], device, args.workers,

@@ -722,15 +722,17 @@ class Progress:
 # -----------------------------------------------------------------------------
 # checkpoints and results
 
-def make_checkpoint(model, ema_model, optimizer, scaler, args, classes, preprocess, epoch, step, best, metrics=None):
+def make_checkpoint(model, ema_model, optimizer, scaler, args, classes, preprocess, val_files, epoch, step, best,
+                    metrics=None):
     """Everything needed to continue the run or to use the model alone. best: (score, epoch). epoch and step count
-    those completed."""
+    those completed; val_files: data.files_digest of the validation split."""
     # no RNG state: every random draw is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index)
     return {"model": utils.unwrap_state_dict(model.state_dict()),
             "model_ema": utils.unwrap_state_dict(ema_model.state_dict()) if ema_model is not None else None,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
             "best_score": best[0], "best_epoch": best[1], "metrics": metrics, "world_size": utils.get_world_size(),
-            "args": vars(args), "model_name": args.model, "classes": classes, "preprocess": preprocess}
+            "args": vars(args), "model_name": args.model, "classes": classes, "preprocess": preprocess,
+            "val_files": val_files}
 
 
 def save_checkpoints(checkpoint, output_dir, is_best=False, save_period=0):
@@ -831,7 +833,7 @@ def train(args, stop):
     if checkpoint is not None and classes != checkpoint["classes"]:  # the outputs would learn other labels
         raise SystemExit(f"error: the classes of the data ({', '.join(classes)}) are not the run's "
                          f"({', '.join(checkpoint['classes'])}); resume on the run's data, or start a new run")
-    preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
+    preprocess, val_files = data.eval_preprocess(args.img_size, args.crop_pct), data.files_digest(val_samples)
     train_loader, val_loader = data.make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
                                                  world_size, device, output_dir, log)
     steps_per_epoch = count_steps(train_loader, args, world_size, log)
@@ -868,7 +870,8 @@ def train(args, stop):
         if rank == 0:  # the number of epochs that --time or --patience decided goes with the arguments
             run_args = argparse.Namespace(**{**vars(args), "epochs": epochs})
             save_checkpoints(make_checkpoint(model, ema_model, optimizer, scaler, run_args, classes, preprocess,
-                                             epochs_done, step, best, metrics), output_dir, is_best, args.save_period)
+                                             val_files, epochs_done, step, best, metrics),
+                             output_dir, is_best, args.save_period)
 
     flags = StopFlags(stop, device, steps_per_epoch, f"Try a lower --lr (now {args.lr:g}), --clip-grad-norm 1, "
                                                      f"or --amp off (now {args.amp})")

@@ -116,6 +116,20 @@ def test_evaluate_refuses_data_of_other_classes(trained_run, tmp_path):
     assert result.returncode != 0 and "not the checkpoint's" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_evaluate_warns_when_the_split_carved_from_train_is_not_the_runs(tmp_path, capsys):
+    """Without val/, the validation split is carved from train/ by seed; images added to train/ since the run
+    reshuffle it, so evaluate.py's "val" would hold images the model trained on."""
+    import evaluate
+    root = write_image_folder(tmp_path / "ds", n_train=8, splits=("train",))
+    run_script("train.py", "--data", root, "--epochs", 1, "--model", "smallnet_tiny", "--workers", 0,
+               "--output-dir", tmp_path / "run")
+    flags = ["--ckpt", str(tmp_path / "run" / "best.pt"), "--data", str(root), "--workers", "0"]
+    assert evaluate.main(flags)["count"] == 3 and "warning" not in capsys.readouterr().out  # the run's split
+    write_image_folder(root, n_train=9, splits=("train",), seed=1)  # one more image per class, a new random draw
+    assert evaluate.main(flags)["count"] == 3
+    assert "warning: the val split carved from " in capsys.readouterr().out
+
+
 def test_evaluate_on_a_split_without_usable_images_is_an_error(trained_run, tmp_path):
     import evaluate
     run_dir, _ = trained_run
