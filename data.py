@@ -212,8 +212,11 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
 
 
 def files_digest(samples):
-    """Which files a split holds, in 16 hex digits: a checkpoint keeps its validation split's."""
-    return hashlib.sha1("\n".join(path for path, _ in samples).encode()).hexdigest()[:16]
+    """Which files a split holds, in 16 hex digits: a checkpoint keeps its splits'. Paths count from the folder
+    that holds them all, so a copy of the data elsewhere has the same digest."""
+    paths = [path for path, _ in samples]
+    common = os.path.commonpath(paths) if paths else ""
+    return hashlib.sha1("\n".join(os.path.relpath(path, common) for path in paths).encode()).hexdigest()[:16]
 
 
 def find_val_dir(data_root):

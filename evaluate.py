@@ -184,7 +184,7 @@ def main(argv=None):
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)
         carved = args.split == "val" and data.find_val_dir(args.data) is None
-        if carved and checkpoint.get("val_files") not in (None, data.files_digest(samples)):  # None: older runs
+        if carved and checkpoint.get("files", {}).get("val") not in (None, data.files_digest(samples)):  # None: older
             log(f"warning: the val split carved from {args.data}/train is not the run's (files were added, removed "
                 "or renamed since): it may hold images the model trained on")
     if not samples:

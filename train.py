@@ -303,6 +303,20 @@ def load_data(args, output_dir, local_rank, world_size, log):
     return settled_args, classes, train_samples, val_samples
 
 
+def check_same_data(checkpoint, path, classes, files):
+    """A resumed run reads the data it stopped on: other classes would re-index the labels, and other files would
+    change the epoch's order (a resume inside an epoch would skip other images than those seen) and its steps, or
+    the images that best.pt is chosen on."""
+    if classes != checkpoint["classes"]:
+        raise SystemExit(f"error: the classes of the data ({', '.join(classes)}) are not the run's "
+                         f"({', '.join(checkpoint['classes'])}); resume on the run's data, or start a new run")
+    for split, name in (("train", "training"), ("val", "validation")):
+        if checkpoint.get("files", files)[split] != files[split]:  # older runs kept no digests
+            raise SystemExit(f"error: the {name} images are not the run's: files were added, removed, renamed or "
+                             "became unreadable since it started; resume on the run's data, or start a new run with "
+                             f"--weights {path}")
+
+
 def warn_of_ignored_flags(given, settled, log):
     """A warning for each flag given that the other settings ignore (NO_EFFECT)."""
     defaults = get_args_parser()
@@ -722,17 +736,17 @@ class Progress:
 # -----------------------------------------------------------------------------
 # checkpoints and results
 
-def make_checkpoint(model, ema_model, optimizer, scaler, args, classes, preprocess, val_files, epoch, step, best,
+def make_checkpoint(model, ema_model, optimizer, scaler, args, classes, preprocess, files, epoch, step, best,
                     metrics=None):
     """Everything needed to continue the run or to use the model alone. best: (score, epoch). epoch and step count
-    those completed; val_files: data.files_digest of the validation split."""
+    those completed; files: {"train": digest, "val": digest}, data.files_digest of each split."""
     # no RNG state: every random draw is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index)
     return {"model": utils.unwrap_state_dict(model.state_dict()),
             "model_ema": utils.unwrap_state_dict(ema_model.state_dict()) if ema_model is not None else None,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
             "best_score": best[0], "best_epoch": best[1], "metrics": metrics, "world_size": utils.get_world_size(),
             "args": vars(args), "model_name": args.model, "classes": classes, "preprocess": preprocess,
-            "val_files": val_files}
+            "files": files}
 
 
 def save_checkpoints(checkpoint, output_dir, is_best=False, save_period=0):
@@ -830,10 +844,10 @@ def train(args, stop):
 
     # data
     args, classes, train_samples, val_samples = load_data(args, output_dir, local_rank, world_size, log)
-    if checkpoint is not None and classes != checkpoint["classes"]:  # the outputs would learn other labels
-        raise SystemExit(f"error: the classes of the data ({', '.join(classes)}) are not the run's "
-                         f"({', '.join(checkpoint['classes'])}); resume on the run's data, or start a new run")
-    preprocess, val_files = data.eval_preprocess(args.img_size, args.crop_pct), data.files_digest(val_samples)
+    files = {"train": data.files_digest(train_samples), "val": data.files_digest(val_samples)}
+    if checkpoint is not None:
+        check_same_data(checkpoint, args.resume, classes, files)
+    preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
     train_loader, val_loader = data.make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
                                                  world_size, device, output_dir, log)
     steps_per_epoch = count_steps(train_loader, args, world_size, log)
@@ -870,7 +884,7 @@ def train(args, stop):
         if rank == 0:  # the number of epochs that --time or --patience decided goes with the arguments
             run_args = argparse.Namespace(**{**vars(args), "epochs": epochs})
             save_checkpoints(make_checkpoint(model, ema_model, optimizer, scaler, run_args, classes, preprocess,
-                                             val_files, epochs_done, step, best, metrics),
+                                             files, epochs_done, step, best, metrics),
                              output_dir, is_best, args.save_period)
 
     flags = StopFlags(stop, device, steps_per_epoch, f"Try a lower --lr (now {args.lr:g}), --clip-grad-norm 1, "

@@ -3,6 +3,7 @@ import importlib
 import json
 import pickle
 import re
+import shutil
 
 import pytest
 import torch
@@ -123,8 +124,10 @@ def test_evaluate_warns_when_the_split_carved_from_train_is_not_the_runs(tmp_pat
     root = write_image_folder(tmp_path / "ds", n_train=8, splits=("train",))
     run_script("train.py", "--data", root, "--epochs", 1, "--model", "smallnet_tiny", "--workers", 0,
                "--output-dir", tmp_path / "run")
-    flags = ["--ckpt", str(tmp_path / "run" / "best.pt"), "--data", str(root), "--workers", "0"]
-    assert evaluate.main(flags)["count"] == 3 and "warning" not in capsys.readouterr().out  # the run's split
+    shutil.copytree(root, tmp_path / "copy")  # the same data in another folder: the same split
+    for where in (tmp_path / "copy", root):
+        flags = ["--ckpt", str(tmp_path / "run" / "best.pt"), "--data", str(where), "--workers", "0"]
+        assert evaluate.main(flags)["count"] == 3 and "warning" not in capsys.readouterr().out  # the run's split
     write_image_folder(root, n_train=9, splits=("train",), seed=1)  # one more image per class, a new random draw
     assert evaluate.main(flags)["count"] == 3
     assert "warning: the val split carved from " in capsys.readouterr().out

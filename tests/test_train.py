@@ -81,21 +81,48 @@ def test_resume_refuses_flags_that_would_change_the_run(trained_run, image_folde
                        str(out), "--workers", "0", "--device", "cpu"]) is None
 
 
-def test_resume_on_data_whose_classes_changed_is_refused(trained_run, image_folder, tmp_path):
-    """A class renamed between the stop and the resume shifts the sorted class indices: the model's outputs would
-    be trained on other labels."""
-    out, _ = trained_run
-    checkpoint = torch.load(out / "last.pt", weights_only=True)
-    data_now = tmp_path / "data"
-    shutil.copytree(image_folder, data_now)
+def rename_a_class(data_now):
     for split in ("train", "val"):
         (data_now / split / "triangle").rename(data_now / split / "arrow")
-    checkpoint["args"].update(epochs=3, data=str(data_now), output_dir=str(tmp_path))  # stopped after 2 of 3 epochs
+
+
+def add_a_training_image(data_now):
+    shutil.copy(data_now / "train" / "circle" / "001.jpg", data_now / "train" / "circle" / "new.jpg")
+
+
+def remove_a_val_image(data_now):
+    (data_now / "val" / "square" / "001.jpg").unlink()
+
+
+def stopped_run_on_a_copy(trained_run, image_folder, tmp_path):
+    """trained_run's last.pt as if it had stopped after 2 of 3 epochs, on a copy of its data in another folder."""
+    checkpoint = torch.load(trained_run[0] / "last.pt", weights_only=True)
+    data_now = tmp_path / "data"
+    shutil.copytree(image_folder, data_now)
+    checkpoint["args"].update(epochs=3, data=str(data_now), output_dir=str(tmp_path))
     torch.save(checkpoint, tmp_path / "last.pt")
-    with pytest.raises(SystemExit, match=r"the classes of the data \(arrow, circle, square\) are not the run's "
-                                         r"\(circle, square, triangle\)"):
-        train.main(["--resume", str(tmp_path / "last.pt"), "--workers", "0"])
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    return tmp_path / "last.pt", data_now
+
+
+def test_resume_on_a_copy_of_the_data_elsewhere(trained_run, image_folder, tmp_path):
+    last, _ = stopped_run_on_a_copy(trained_run, image_folder, tmp_path)
+    assert train.main(["--resume", str(last), "--workers", "0"]) is None
+    assert torch.load(last, weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize("change, error", [
+    (rename_a_class, r"the classes of the data \(arrow, circle, square\) are not the run's \(circle, square, tri"),
+    (add_a_training_image, r"the training images are not the run's: files were added, removed"),
+    (remove_a_val_image, r"the validation images are not the run's: files were added, removed")])
+def test_resume_on_data_that_changed_is_refused(trained_run, image_folder, tmp_path, change, error):
+    """A class renamed between the stop and the resume shifts the sorted class indices: the model's outputs would
+    be trained on other labels. An image added or removed changes the epoch's order (a resume inside an epoch would
+    skip other images than those it saw) and its steps, or the images that best.pt is chosen on."""
+    last, data_now = stopped_run_on_a_copy(trained_run, image_folder, tmp_path)
+    change(data_now)
+    with pytest.raises(SystemExit, match=error):
+        train.main(["--resume", str(last), "--workers", "0"])
+    assert torch.load(last, weights_only=True)["epoch"] == 2
 
 
 def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
