@@ -7,6 +7,7 @@ Two stages, each written once. Reading gives every split's images stored one way
 from either source: decoded per image in loader processes, or from a memory-mapped cache decoded once (--cache).
 Augmentation then runs on the training device, the same whatever the source: `--cache` changes speed, not results.
 """
+import collections
 import csv
 import datetime
 import hashlib
@@ -32,7 +33,7 @@ from torchvision.transforms import v2
 
 from utils import agree_on_failure, first_line, seed_from
 
-IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision pretrained model expects these
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -124,7 +125,7 @@ def list_images(folder, classes, log=print):
     if loose:
         log(f"warning: {len(loose)} image file(s) directly in {folder} are in no class folder, so have no label: "
             f"left out ({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}); move them into {folder}/<class>/")
-    samples = []
+    samples, others = [], collections.Counter()  # others: the suffixes of files left out
     for index, name in enumerate(classes):
         class_dir = Path(folder) / name
         if not class_dir.is_dir():
@@ -134,6 +135,12 @@ def list_images(folder, classes, log=print):
             for file in sorted(files):
                 if is_image_file(file):
                     samples.append((os.path.join(root, file), index))
+                elif not file.startswith("."):
+                    others[Path(file).suffix.lower() or file] += 1
+    if others:  # .heic, .avif, .svg...: images the user may expect to be read
+        log(f"warning: {others.total()} file(s) in the class folders of {folder} are not images by their names "
+            f"({', '.join(f'{n} {kind}' for kind, n in sorted(others.items()))}): left out; the names read end in "
+            f"{' '.join(sorted(IMG_EXTENSIONS))}")
     return samples
 
 
@@ -658,6 +665,7 @@ def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
     built = built if local_rank == 0 else build()
     size = sum(images.nbytes for images, _, _ in built)
     log(f"data: decoded images cached in {folder} ({size / 2**30:.2f} GiB, reused while the files are unchanged)")
+    report_other_caches(folder, [Path(images.filename) for images, _, _ in built], log)
     home = torch.device("cpu")
     if device.type == "cuda":  # resident when they take at most a quarter of the GPU's memory
         memory = torch.cuda.get_device_properties(device).total_memory
@@ -665,6 +673,17 @@ def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
         log(f"data: the cached images are {'copied to' if home.type == 'cuda' else 'too large for'} the GPU "
             f"(at most a quarter of its memory, {memory / 4 / 2**30:.1f} GiB)")
     return [(CachedImages(images, aspects, home), rows) for images, aspects, rows in built]
+
+
+def report_other_caches(folder, in_use, log):
+    """Says how much room the caches in `folder` of other versions of the data (or other sizes) take: left there,
+    since another run may read them, they would fill the disk unseen."""
+    stem = lambda path: path.name.split(".")[0]  # noqa: E731  32px-<key>, of every file of one cache
+    in_use = {stem(path) for path in in_use}
+    others = [path for path in Path(folder).iterdir() if stem(path) not in in_use]
+    if others:
+        log(f"data: {folder} also holds {len({stem(p) for p in others})} cache file(s) of other images or sizes "
+            f"({sum(p.stat().st_size for p in others) / 2**30:.2f} GiB): delete them when no run reads them")
 
 
 # -----------------------------------------------------------------------------

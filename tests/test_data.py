@@ -74,6 +74,8 @@ def test_classes_and_files(tmp_path):
     (root / "train" / "circle" / ".DS_Store").write_bytes(b"\0\0")
     Image.new("RGB", (32, 32)).save(root / "train" / "circle" / "UPPER.JPG")
     Image.new("RGB", (32, 32)).save(root / "train" / "square" / "mixed.Png")
+    Image.new("P", (32, 32)).save(root / "train" / "square" / "palette.gif")
+    (root / "train" / "square" / "phone.heic").write_bytes(b"\0")  # needs a plugin Pillow lacks
     for folder, name in ((root / "train", "loose1.jpg"), (root / "train", "loose2.PNG"), (root / "val", "lost.jpg")):
         Image.new("RGB", (32, 32)).save(folder / name)  # in no class folder: no label to train on
     messages = []
@@ -81,9 +83,12 @@ def test_classes_and_files(tmp_path):
     assert classes == ["circle", "square", "triangle"]
     names = [p.rsplit("/", 1)[-1] for p, _ in train]
     assert "UPPER.JPG" in names and "mixed.Png" in names and "notes.txt" not in names and "loose1.jpg" not in names
+    assert "palette.gif" in names
+    assert any(f"2 file(s) in the class folders of {root / 'train'} are not images by their names (1 .heic, 1 .txt)"
+               in m for m in messages)
     assert any(f"2 image file(s) directly in {root / 'train'}" in m and "loose1.jpg" in m for m in messages)
     assert any(f"1 image file(s) directly in {root / 'val'}" in m and "lost.jpg" in m for m in messages)
-    assert len(train) == 8 and len(val) == 3
+    assert len(train) == 9 and len(val) == 3
     assert all(classes[t] in p for p, t in train + val)
 
 
@@ -279,6 +284,20 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path):
     Image.new("RGB", (40, 40), (255, 0, 0)).save(samples[0][0])  # the file changes: a new cache
     array, _, _ = data.build_cache(samples, 32, 32, tmp_path / "cache", log=lambda *_: None)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and (array[0] == [255, 0, 0]).all()
+
+
+def test_a_run_says_what_the_caches_of_earlier_data_take(tmp_path):
+    """Each version of the data gets a cache of its own; the files of older versions stay (another run may still
+    read them): a run says how much room they take, which would otherwise fill the disk unseen."""
+    root = write_image_folder(tmp_path / "ds", n_train=4)
+    for turn in range(2):
+        messages = []
+        args, _, train, val = settled_args(root, tmp_path / "run", "--cache")
+        data.make_loaders(args, train, val, data.eval_preprocess(32), 0, 0, 1, CPU, tmp_path / "run", messages.append)
+        others = [m for m in messages if "cache file(s) of other images" in m]
+        assert len(others) == turn
+        Image.new("RGB", (40, 40), (255, 0, 0)).save(train[0][0])  # the data changes: a new training cache
+    assert f"{root / '.cache'} also holds 1 cache file(s) of other images or sizes (0.00 GiB)" in others[0]
 
 
 def test_header_scan_in_processes_drops_the_same_files_in_order(tmp_path):
