@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -218,9 +218,10 @@ def new_output_dir(data_name):
             path, n = Path(f"{base}-{n}"), n + 1
 
 
-def claim_output_dir(args, rank):
-    """The run's folder, the same in every process: --output-dir, or a new one that rank 0 creates."""
-    output_dir, error = args.output_dir, None
+def claim_output_dir(args, rank, run_files):
+    """The run's folder, the same in every process (--output-dir, or a new one that rank 0 creates), and in rank 0
+    its train.log, open and locked until the run ends: no other run writes into the folder meanwhile."""
+    output_dir, log_file, error = args.output_dir, None, None
     if output_dir and rank == 0 and not args.resume and any(Path(output_dir).glob("*.pt")):
         error = (f"error: --output-dir {output_dir} already holds a run's checkpoints, which a new run would "
                  f"replace: continue that run with --resume {Path(output_dir) / 'last.pt'}, or give another "
@@ -228,13 +229,16 @@ def claim_output_dir(args, rank):
     if output_dir is None and rank == 0:
         output_dir = str(new_output_dir(Path(args.train_csv).stem if args.train_csv
                                         else Path(args.data or SHAPES_DIR).resolve().name))
+    if rank == 0 and not error:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        log_file = run_files.enter_context(open(Path(output_dir) / "train.log", "a"))
+        if not utils.lock(log_file):
+            error = f"error: another run is writing into {output_dir}: wait for it to end" + (
+                "" if args.resume else ", or give another --output-dir")
     output_dir, error = utils.broadcast_object((output_dir, error))  # rank 0's folder (and files) decide
     if error:
         raise SystemExit(error)  # in every process: none is left waiting at a collective
-    output_dir = Path(output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
+    return Path(output_dir), log_file
 
 
 def check_device(args, device, world_size):
@@ -828,16 +832,16 @@ def stop_on_signals():
 
 def main(argv=None):
     args = parse_args(argv)
-    with stop_on_signals() as stop, utils.deterministic_mode(args.deterministic):
-        train(args, stop)
+    with stop_on_signals() as stop, utils.deterministic_mode(args.deterministic), ExitStack() as run_files:
+        train(args, stop, run_files)  # run_files: closed (train.log unlocked) however the run ends
 
 
-def train(args, stop):
+def train(args, stop, run_files):
     args, checkpoint = resume_args(args) if args.resume else (args, None)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     check_device(args, device, world_size)
-    output_dir = claim_output_dir(args, rank)
-    log = utils.make_logger(output_dir / "train.log" if rank == 0 else None, enabled=rank == 0)
+    output_dir, log_file = claim_output_dir(args, rank, run_files)
+    log = utils.make_logger(log_file, enabled=rank == 0)
     log(f"{'resuming ' + args.resume if args.resume else 'training'}: {' '.join(sys.argv)}")
     if checkpoint is not None and is_finished(checkpoint, args, world_size, log):
         return utils.cleanup_distributed()

@@ -3,6 +3,7 @@
 Plain functions, no state of their own: each script calls what it needs from main().
 """
 import datetime
+import errno
 import math
 import os
 from contextlib import contextmanager, nullcontext
@@ -217,6 +218,20 @@ def save_checkpoint(checkpoint, path):
                          f"{path.name}, if any, is as it was") from None
 
 
+def lock(file):
+    """Locks an open file until this process closes it or ends; False if another process holds the lock."""
+    # a POSIX record lock (lockf), not flock: it is this process's alone, not shared with the loader processes it
+    # forks, so a run that is killed frees its lock at once even while its loader processes wind down
+    try:
+        import fcntl  # POSIX: elsewhere, and on file systems without locks, nothing is locked
+        fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno not in (errno.EACCES, errno.EAGAIN)
+    except ImportError:
+        pass
+    return True
+
+
 def first_line(error):
     """The first line of an exception's message, or its type's name if it has none."""
     text = str(error).strip()
@@ -243,9 +258,8 @@ def load_checkpoint(path):
 # -----------------------------------------------------------------------------
 # logging: rank 0 prints, and also appends to a log file when given one
 
-def make_logger(path=None, enabled=True):
-    log_file = open(path, "a") if (enabled and path) else None
-
+def make_logger(log_file=None, enabled=True):
+    """A function that prints a message (if enabled) and appends it to log_file, an open text file, if given."""
     def log(message=""):
         if not enabled:
             return

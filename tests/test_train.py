@@ -70,6 +70,28 @@ def test_a_new_run_never_overwrites_the_checkpoints_of_another(trained_run, imag
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".csv")} == before
 
 
+def test_two_runs_never_write_into_one_folder_at_once(trained_run, image_folder, tmp_path):
+    """A second job started on a running run's folder (the same --output-dir, or a --resume of it, say a requeued
+    job whose first copy still runs) would interleave their checkpoints: it is refused while the first holds it."""
+    out, _ = trained_run
+    for flags in (["--data", str(image_folder), "--output-dir", str(tmp_path), *TINY],
+                  ["--resume", str(out / "last.pt"), "--workers", "0"]):
+        folder = Path(flags[flags.index("--output-dir") + 1]) if "--output-dir" in flags else out
+        running = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                                    "fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                                    str(folder / "train.log")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert running.stdout.readline() == "locked\n"  # as a run holds it while it runs
+            before = (folder / "train.log").read_bytes()
+            with pytest.raises(SystemExit, match=f"another run is writing into {folder}: wait for it to end"):
+                train.main(flags)
+            assert (folder / "train.log").read_bytes() == before
+        finally:
+            running.kill()
+            running.wait()
+    assert not list(tmp_path.glob("*.pt"))
+
+
 def test_resume_refuses_flags_that_would_change_the_run(trained_run, image_folder):
     out, _ = trained_run
     last = out / "last.pt"
