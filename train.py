@@ -805,12 +805,15 @@ def append_results(path, row, columns):
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def plot_run(output_dir, task, classes):
+def plot_run(output_dir, task, classes, log):
     """results.png from results.csv, and confusion_matrix.png of best.pt."""
     with open(output_dir / "results.csv", newline="") as f:
         utils.plot_results(list(csv.DictReader(f)), output_dir / "results.png",
                            "val_top1" if task == "single" else "val_f1")
-    if task == "single":
+    if task == "single" and not (output_dir / "best.pt").exists():  # a run resumed from a last.pt copied alone
+        log(f"warning: no best.pt in {output_dir} (no epoch since the resume beat the run's best): "
+            "no confusion_matrix.png")
+    elif task == "single":
         utils.plot_confusion(utils.load_checkpoint(output_dir / "best.pt")["metrics"]["confusion"], classes,
                              output_dir / "confusion_matrix.png")
 
@@ -930,7 +933,7 @@ def train(args, stop, run_files):
             exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)
         epoch += 1
     if rank == 0:
-        plot_run(output_dir, args.task, classes)
+        plot_run(output_dir, args.task, classes, log)
     log(f"done: best val {'top-1' if args.task == 'single' else 'F1'} {best[0]:.2f}% (epoch {best[1]}); checkpoints, "
         f"results.csv, results.png, confusion_matrix.png and train.log in {output_dir}")
     utils.cleanup_distributed()

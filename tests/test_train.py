@@ -126,10 +126,15 @@ def stopped_run_on_a_copy(trained_run, image_folder, tmp_path):
     return tmp_path / "last.pt", data_now
 
 
-def test_resume_on_a_copy_of_the_data_elsewhere(trained_run, image_folder, tmp_path):
+def test_resume_on_a_copy_of_the_data_elsewhere(trained_run, image_folder, tmp_path, capsys):
+    """last.pt copied alone, without best.pt: the run ends, with a word on the missing confusion matrix (it ended
+    in a traceback after the last epoch when no epoch beat the run's best, so wrote no best.pt)."""
     last, _ = stopped_run_on_a_copy(trained_run, image_folder, tmp_path)
+    checkpoint = torch.load(last, weights_only=True)
+    torch.save({**checkpoint, "best_score": 100.0}, last)  # a best that no epoch beats
     assert train.main(["--resume", str(last), "--workers", "0"]) is None
-    assert torch.load(last, weights_only=True)["epoch"] == 3
+    assert torch.load(last, weights_only=True)["epoch"] == 3 and (tmp_path / "results.png").exists()
+    assert f"warning: no best.pt in {tmp_path}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, error", [
