@@ -75,6 +75,7 @@ RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of 
 SHAPES_DIR = "datasets/shapes"  # where `python train.py` without --data writes its demo dataset
 MAX_BAD_STEPS = 20  # consecutive steps with a non-finite loss after which a run has diverged: stop it
 WHITEN_IMAGES = 1000  # images whose patch statistics set a whitening stem (smallnet): ~1M patches, a second
+PRECISE_BN_IMAGES = 1024  # training images that set BatchNorm statistics before each evaluation: a forward pass
 CHECK_EVERY = 10  # steps between reads of the stop and divergence flags (a sync point; an all-reduce with DDP)
 
 
@@ -540,6 +541,35 @@ def restore(checkpoint, path, model, ema_model, optimizer, scaler):
     return checkpoint["step"], (checkpoint["best_score"], checkpoint.get("best_epoch", 0))
 
 
+@torch.no_grad()
+def recompute_batch_norm(evaluated, model, loader, normalize, epoch, device, amp, images=PRECISE_BN_IMAGES):
+    """Sets the running statistics of the BatchNorm layers that train to their average over the epoch's first
+    `images` training images, at the weights that are evaluated (pycls's precise BN); frozen layers keep theirs."""
+    # the running averages that training keeps lag the weights by tens of steps: early on, or with few steps per
+    # epoch, they are far from what the weights compute (see Training in the README), and so are the val scores
+    norms = [norm for norm, trained in zip(evaluated.modules(), model.modules())
+             if isinstance(norm, nn.modules.batchnorm._BatchNorm) and trained.training]
+    if not norms:
+        return
+    evaluated.eval()  # dropout off: the statistics of what evaluation computes
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # an equal-weight average over the batches
+        norm.train()
+    loader.sampler.set_epoch(epoch)  # the epoch's first batches, as trained on: the same after a resume
+    seen = 0
+    for batch, _ in loader:
+        with utils.autocast(device, amp):
+            evaluated(normalize(batch))
+        seen += len(batch)
+        if seen >= images:
+            break
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+        norm.eval()
+
+
 def evaluate_model(model, val_loader, args, device, classes, preprocess):
     """The metrics of the model that is saved, with rank 0's BatchNorm statistics in every process."""
     # the unwrapped model: a DDP one would sync its buffers in its first forward, a collective that a process
@@ -917,6 +947,7 @@ def train(args, stop, run_files):
             exit_for_resume(f"at epoch {epoch + 1} step {step - epoch * steps_per_epoch}/{steps_per_epoch}",
                             output_dir, log)
         eval_start = time.perf_counter()
+        recompute_batch_norm(ema_model or model, model, train_loader, normalize, epoch, device, args.amp)
         metrics = evaluate_model(ema_model or model, val_loader, args, device, classes, preprocess)
         is_best = metrics["score"] > best[0]  # strictly: a tie never replaces the best
         best = (metrics["score"], epoch + 1) if is_best else best

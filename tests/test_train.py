@@ -312,6 +312,31 @@ def test_lookahead_pulls_the_weights_to_their_slow_average_every_5_steps():
     assert torch.equal(optimizer.state[weight]["lookahead"], weight.data)
 
 
+def test_batch_norm_statistics_are_recomputed_at_the_evaluated_weights():
+    """Before each evaluation, the BatchNorm layers that train take the mean statistics of the epoch's first
+    training batches at the current weights; a frozen one keeps its own, and each keeps its momentum."""
+    class Loader:  # the part of data.Batches that the recomputation uses
+        def __init__(self, batches):
+            self.batches, self.sampler = batches, argparse.Namespace(set_epoch=lambda epoch: None)
+
+        def __iter__(self):
+            return iter(self.batches)
+    batches = [(torch.randn(4, 3, 5, 5) * (i + 1) + i, None) for i in range(3)]
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 2, 1), torch.nn.Dropout(0.5),
+                                torch.nn.BatchNorm2d(2))
+    model.train()
+    model[0].eval()  # frozen, as keep_frozen_in_eval leaves it
+    frozen_mean = model[0].running_mean.clone()
+    train.recompute_batch_norm(model, model, Loader(batches), lambda x: x, 0, torch.device("cpu"), "off", images=8)
+    with torch.no_grad():
+        outputs = [model[:3](x) for x, _ in batches[:2]]  # 8 images: two batches; dropout off
+    assert torch.equal(model[0].running_mean, frozen_mean) and model[3].momentum == 0.1
+    expected_mean = torch.stack([out.mean((0, 2, 3)) for out in outputs]).mean(0)
+    expected_var = torch.stack([out.var((0, 2, 3)) for out in outputs]).mean(0)
+    assert torch.allclose(model[3].running_mean, expected_mean, atol=1e-6)
+    assert torch.allclose(model[3].running_var, expected_var, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
     """Non-square JPEG photos of mixed sizes (60-99 x 40-59 px), two classes."""
@@ -437,7 +462,9 @@ def test_default_run_learns_the_shapes(tmp_path):
 def test_default_model_learns_from_a_csv_whose_first_file_is_truncated(tmp_path):
     """Non-square photos above 64 px: the default model (resnet18) on the default path (the cache, resized crops).
     Red or blue, listed in random order after a file that passes the header scan and fails to decode: the images
-    after it must keep their own labels (once, every one of them was paired with its neighbour's)."""
+    after it must keep their own labels (once, every one of them was paired with its neighbour's). Every epoch's
+    val score is the trained weights' own: BatchNorm's running statistics, which lag the weights (12 steps an epoch
+    here), are recomputed before each evaluation (before: val top-1 68.75%, 68.75%, 100%)."""
     from conftest import truncated_jpeg
     rng = np.random.default_rng(0)
     for split, count in (("train", 192), ("val", 48)):
@@ -457,7 +484,7 @@ def test_default_model_learns_from_a_csv_whose_first_file_is_truncated(tmp_path)
     assert "model: resnet18," in result.stdout and "--cache on" in result.stdout and "image size 96 px" in result.stdout
     assert result.stdout.count("skipping 1 image file(s) that could not be decoded") == 2
     rows = read_results(tmp_path / "run")
-    assert float(rows[-1]["train_top1"]) >= 90 and float(rows[-1]["val_top1"]) >= 95, rows
+    assert float(rows[-1]["train_top1"]) >= 90 and all(float(row["val_top1"]) >= 95 for row in rows), rows
 
 
 def test_small_photo_set_trains_from_scratch_without_blowing_up(tmp_path):
