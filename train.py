@@ -546,7 +546,7 @@ def recompute_batch_norm(evaluated, model, loader, normalize, epoch, device, amp
     """Sets the running statistics of the BatchNorm layers that train to their average over the epoch's first
     `images` training images, at the weights that are evaluated (pycls's precise BN); frozen layers keep theirs."""
     # the running averages that training keeps lag the weights by tens of steps: early on, or with few steps per
-    # epoch, they are far from what the weights compute (see Training in the README), and so are the val scores
+    # epoch, they are far from what the weights compute (see Train in the README), and so are the val scores
     norms = [norm for norm, trained in zip(evaluated.modules(), model.modules())
              if isinstance(norm, nn.modules.batchnorm._BatchNorm) and trained.training]
     if not norms:
