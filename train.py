@@ -361,9 +361,10 @@ def count_steps(train_loader, args, world_size, log):
     return len(train_loader) // args.accum_steps
 
 
-def make_model(args, num_classes, world_size, log):
-    """The model to train and its frozen stages."""
+def make_model(args, num_classes, world_size, device, log):
+    """The model to train, on `device`, and its frozen stages."""
     # SyncBatchNorm replaces BatchNorm modules, so it comes before the freezing, which holds the modules it froze
+    utils.seed_everything(args.seed)  # the same initial weights in every process
     model = build_model(args.model, num_classes, args.pretrained, args.weights, log)
     check_image_size(model, args.model, args.img_size)
     if args.dropout is not None:
@@ -375,7 +376,20 @@ def make_model(args, num_classes, world_size, log):
         frozen = freeze(model, -1 if args.freeze_backbone else args.freeze, log)
         if not (args.pretrained or args.weights):
             log("warning: --freeze without --pretrained or --weights: the frozen stages keep their random weights")
-    return model, frozen
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format), frozen
+
+
+def whiten_stem(model, train_loader, normalize, log):
+    """Sets a whitening stem (smallnet's) from WHITEN_IMAGES training images spread over the set, not augmented."""
+    sample = train_loader.sample(WHITEN_IMAGES)
+    model.whiten_stem(normalize(sample))
+    log(f"model: the stem's filters whiten the 2x2 patches of {len(sample)} training images (fixed, not trained)")
+
+
+def make_criterion(task, label_smoothing):
+    """The training loss of a batch's logits: cross-entropy, or for multilabel binary cross-entropy per label."""
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing) if task == "single" else nn.BCEWithLogitsLoss()
 
 
 # -----------------------------------------------------------------------------
@@ -680,8 +694,9 @@ class StopFlags:
     # and copied to the host without waiting. On a GPU what is read is the copy started CHECK_EVERY steps earlier,
     # finished long since; `force` (an epoch's end) reads the current flags there: a sync point.
 
-    def __init__(self, stop, device, steps_per_epoch, hint):
-        self.stop, self.device, self.steps_per_epoch, self.hint = stop, device, steps_per_epoch, hint
+    def __init__(self, stop, device, steps_per_epoch, lr, amp):
+        self.stop, self.device, self.steps_per_epoch = stop, device, steps_per_epoch
+        self.hint = f"Try a lower --lr (now {lr:g}), --clip-grad-norm 1, or --amp off (now {amp})"
         self.pending = None
 
     def check(self, step, bad_run, force=False):
@@ -724,6 +739,14 @@ def epochs_for_time(hours, train_seconds, steps_run, steps_per_epoch, eval_secon
     log(f"--time {hours:g} h: {epoch_seconds:.2f} s per epoch (training measured over {steps_run} of {steps_per_epoch} "
         f"steps), so {epochs} epochs; the schedule follows")
     return epochs
+
+
+def epochs_for_patience(patience, epoch, epochs, best_epoch, log):
+    """--patience: the run ends after this epoch (`epoch`, from 0) if val top-1 has not improved for `patience`."""
+    if epoch + 1 - best_epoch < patience or epoch + 1 >= epochs:
+        return epochs
+    log(f"stopping early: val top-1 has not improved for {patience} epochs (best at epoch {best_epoch}, --patience)")
+    return epoch + 1
 
 
 def exit_for_resume(where, output_dir, log):
@@ -890,21 +913,16 @@ def train(args, stop, run_files):
     steps_per_epoch = count_steps(train_loader, args, world_size, log)
 
     # model, optimizer, loss
-    utils.seed_everything(args.seed)  # the same initial weights in every process
-    model, frozen = make_model(args, len(classes), world_size, log)
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    model, frozen = make_model(args, len(classes), world_size, device, log)
     normalize = data.make_normalize(preprocess, device, args.channels_last)
-    if hasattr(model, "whiten_stem") and not args.weights and checkpoint is None:
-        sample = train_loader.sample(WHITEN_IMAGES)
-        model.whiten_stem(normalize(sample))
-        log(f"model: the stem's filters whiten the 2x2 patches of {len(sample)} training images (fixed, not trained)")
+    if hasattr(model, "whiten_stem") and not args.weights and checkpoint is None:  # a resumed run has its stem
+        whiten_stem(model, train_loader, normalize, log)
     ema_model = make_ema(model, args, len(classes), device)
     optimizer, scaler = make_optimizer(model, args, device), make_scaler(args.amp, device)
     step, best = restore(checkpoint, args.resume, model, ema_model, optimizer, scaler) if checkpoint else (0, (-1.0, 0))
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else None
     train_model = torch.compile(ddp_model or model) if args.compile else ddp_model or model
-    criterion = (nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.task == "single"
-                 else nn.BCEWithLogitsLoss())
+    criterion = make_criterion(args.task, args.label_smoothing)
     mix = data.make_mix(args.mixup_alpha, args.cutmix_alpha, len(classes))
 
     epoch, epochs = step // steps_per_epoch, args.epochs  # a run stopped mid-epoch goes on inside that epoch
@@ -924,8 +942,7 @@ def train(args, stop, run_files):
                                              files, epochs_done, step, best, metrics),
                              output_dir, is_best, args.save_period)
 
-    flags = StopFlags(stop, device, steps_per_epoch, f"Try a lower --lr (now {args.lr:g}), --clip-grad-norm 1, "
-                                                     f"or --amp off (now {args.amp})")
+    flags = StopFlags(stop, device, steps_per_epoch, args.lr, args.amp)
 
     def after_step(step):
         if ema_model is not None:
@@ -955,10 +972,8 @@ def train(args, stop, run_files):
         if args.time and epoch == 0:
             epochs = epochs_for_time(args.time, stats["seconds"], step - first_step, steps_per_epoch,
                                      time.perf_counter() - eval_start, device, log)
-        if args.patience and epoch + 1 - best[1] >= args.patience and epoch + 1 < epochs:
-            log(f"stopping early: val top-1 has not improved for {args.patience} epochs (best at epoch {best[1]}, "
-                "--patience)")
-            epochs = epoch + 1
+        if args.patience:
+            epochs = epochs_for_patience(args.patience, epoch, epochs, best[1], log)
         save(epoch + 1, step, metrics, is_best)
         if epoch + 1 < epochs and flags.check(step, torch.zeros((), device=device), force=True):
             exit_for_resume(f"after epoch {epoch + 1}", output_dir, log)

@@ -107,7 +107,7 @@ def test_sync_bn_keeps_frozen_batchnorm_frozen():
     import train
     args = train.parse_args(["--model", "resnet18", "--freeze", "2", "--sync-bn", "--img-size", "32"])
     messages = []
-    model, frozen = train.make_model(args, 3, 2, log=messages.append)
+    model, frozen = train.make_model(args, 3, 2, torch.device("cpu"), log=messages.append)
     assert isinstance(model.bn1, torch.nn.SyncBatchNorm) and model.bn1 in frozen
     assert "warning: --freeze without --pretrained or --weights" in messages[-1]  # random weights, frozen
     model.train()
