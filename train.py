@@ -138,7 +138,6 @@ def get_args_parser():
     p.add_argument("--tta", action="store_true", help="evaluate with flips (and shifts) each epoch; best.pt follows it")
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights: evaluated and saved for use")
     p.add_argument("--model-ema-decay", type=float, default=0.999, help="EMA decay per optimizer step (default: 0.999)")
-    p.add_argument("--lookahead", action="store_true", help="every 5 steps pull the weights back toward their average")
     # speed and numerics
     p.add_argument("--amp", default="bf16", choices=list(utils.AMP_DTYPES), help="autocast dtype (default: bf16)")
     p.add_argument("--channels-last", action=bool_flag, default=True, help="NHWC memory format (default: on)")
@@ -189,6 +188,11 @@ def resume_args(args):
     checkpoint = utils.load_checkpoint(args.resume)
     defaults = vars(get_args_parser().parse_args([]))
     saved = {**defaults, **checkpoint["args"]}  # flags newer than the run: their defaults
+    removed = [f"--{name.replace('_', '-')}" for name, value in checkpoint["args"].items()
+               if name not in defaults and value]
+    if removed:  # the run would go on without them: not the run it was
+        raise SystemExit(f"error: {args.resume} was trained with {', '.join(removed)}, which this train.py no longer "
+                         "has: resume it with the code it was started with")
     saved.update(resume=args.resume, workers=args.workers, device=args.device,
                  cache=saved["cache"] if args.cache is None else args.cache, output_dir=str(Path(args.resume).parent))
     changed = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}") + f" (the run's: {saved[name]})"
@@ -521,20 +525,6 @@ def update_ema(ema_model, model, decay, step):
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
     for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
         ema_buffer.copy_(buffer)  # BatchNorm statistics: take the model's own
-
-
-@torch.no_grad()
-def lookahead(optimizer, step, total_steps, every=5):
-    """Lookahead (Zhang et al. 2019) as airbench94 runs it: every `every` steps the weights move to their slow
-    average, which follows them ever more slowly (decay 0 at the start, 0.95 ** every at the end)."""
-    if step % every and step != total_steps:
-        return
-    decay = 0.95 ** every * (step / total_steps) ** 3
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]  # saved with the optimizer: a resume goes on with the same slow weights
-            state["lookahead"] = state.get("lookahead", p).lerp(p, 1 - decay)
-            p.copy_(state["lookahead"])
 
 
 def make_ema(model, args, num_classes, device):
@@ -947,8 +937,6 @@ def train(args, stop, run_files):
     def after_step(step):
         if ema_model is not None:
             update_ema(ema_model, model, args.model_ema_decay, step)
-        if args.lookahead:
-            lookahead(optimizer, step, epochs * steps_per_epoch)
 
     while epoch < epochs:  # `while`: --time and --patience decide the number of epochs on the way
         model.train()

@@ -97,9 +97,9 @@ def test_two_processes_follow_the_path_of_one(image_folder, tmp_path, flags):
 
 def test_killed_torchrun_job_resumes_to_the_same_weights(image_folder, tmp_path):
     """SIGKILL the whole torchrun job once a last.pt exists, resume it under torchrun: bitwise the same weights
-    (with Muon, whose state holds each filter's norm besides the momentum, and Lookahead's slow weights)."""
+    (with Muon, whose state holds each filter's norm besides the momentum, and the EMA)."""
     common = ["--data", image_folder, "--epochs", 2, "--model", "smallnet_tiny", "-b", 4, "--workers", 0,
-              "--model-ema", "--lookahead", "--seed", 3, "--opt", "muon"]
+              "--model-ema", "--seed", 3, "--opt", "muon"]
     torchrun("train.py", *common, "--output-dir", tmp_path / "full")
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "train.py"),

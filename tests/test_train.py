@@ -103,6 +103,18 @@ def test_resume_refuses_flags_that_would_change_the_run(trained_run, image_folde
                        str(out), "--workers", "0", "--device", "cpu"]) is None
 
 
+def test_resume_refuses_a_run_trained_with_a_flag_this_code_lacks(trained_run, tmp_path):
+    """A flag since removed (--lookahead) that the run used: going on without it would not be the run it was."""
+    checkpoint = torch.load(trained_run[0] / "last.pt", weights_only=True)
+    checkpoint["args"].update(lookahead=True, epochs=3, output_dir=str(tmp_path))
+    torch.save(checkpoint, tmp_path / "last.pt")
+    with pytest.raises(SystemExit, match="was trained with --lookahead, which this train.py no longer has"):
+        train.main(["--resume", str(tmp_path / "last.pt")])
+    checkpoint["args"]["lookahead"] = False  # off, as by default: nothing lost
+    torch.save(checkpoint, tmp_path / "last.pt")
+    assert train.resume_args(train.parse_args(["--resume", str(tmp_path / "last.pt")]))[0].epochs == 3
+
+
 def rename_a_class(data_now):
     for split in ("train", "val"):
         (data_now / split / "triangle").rename(data_now / split / "arrow")
@@ -295,21 +307,6 @@ def test_optimizer_groups_follow_the_recipe():
     assert [g["lr"] / args.lr for g in muon.param_groups if not g["orthogonalize"]] == pytest.approx([64, 806.4])
     adamw = train.make_optimizer(net, recipe_args("--opt", "adamw"), torch.device("cpu"))
     assert [g["lr_scale"] for g in adamw.param_groups] == [1, 1]  # filters and head; biases
-
-
-def test_lookahead_pulls_the_weights_to_their_slow_average_every_5_steps():
-    """The slow weights start where the weights are at the first pull and live in the optimizer's state (so in its
-    checkpoint); a pull lerps them toward the weights by 1 - decay and sets the weights to them."""
-    weight = torch.nn.Parameter(torch.zeros(3))
-    optimizer = torch.optim.SGD([weight], lr=1.0)
-    train.lookahead(optimizer, 5, 10)
-    assert torch.equal(optimizer.state_dict()["state"][0]["lookahead"], torch.zeros(3))
-    weight.data.fill_(1.0)
-    train.lookahead(optimizer, 7, 10)  # between pulls: nothing
-    assert torch.equal(weight.data, torch.ones(3))
-    train.lookahead(optimizer, 10, 10)  # the last step always pulls, at decay 0.95 ** 5
-    assert weight.data == pytest.approx(torch.full((3,), 1 - 0.95 ** 5))
-    assert torch.equal(optimizer.state[weight]["lookahead"], weight.data)
 
 
 def test_batch_norm_statistics_are_recomputed_at_the_evaluated_weights():
