@@ -45,9 +45,13 @@ class UnreadableImage(Exception):
     pass
 
 
-def load_image(path):
+def load_image(path, least=None):
+    """An image file as upright RGB. least: a JPEG at least twice as large in both dimensions is decoded at 1/2,
+    1/4 or 1/8 of its size (PIL's draft, in the DCT: fast), keeping at least `least` px on both sides."""
     try:
         with Image.open(path) as image:
+            if least:  # formats other than JPEG ignore it
+                image.draft(None, (least, least))
             image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in the pixels
             return to_rgb(image)
     except Exception as e:  # truncated, corrupt, not an image, too many pixels...
@@ -460,9 +464,15 @@ def store_image(image, side, resize=None):
     return torch.from_numpy(np.asarray(image).copy()), aspect
 
 
+def read_image(path, side, resize=None):
+    """An image file as stored (store_image), decoded at the least scale that keeps twice the side the resize
+    filters down to, as PIL's thumbnail does (its reducing_gap 2): a 12-megapixel photo 3x faster than whole."""
+    return store_image(load_image(path, least=2 * (resize or side)), side, resize)
+
+
 def eval_transform(preprocess):
-    """PIL image -> uint8 [3, H, W] as evaluated: `preprocess` is the dict stored in every checkpoint."""
-    return lambda image: store_image(image, preprocess["img_size"], preprocess["resize_size"])[0].permute(2, 0, 1)
+    """Image file -> uint8 [3, H, W] as evaluated: `preprocess` is the dict stored in every checkpoint."""
+    return lambda path: read_image(path, preprocess["img_size"], preprocess["resize_size"])[0].permute(2, 0, 1)
 
 
 class DecodedImages(Dataset):
@@ -477,7 +487,7 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, row):
         try:
-            return *store_image(load_image(self.paths[row]), self.side, self.resize), ""
+            return *read_image(self.paths[row], self.side, self.resize), ""
         except UnreadableImage as e:
             if self.strict:
                 raise
@@ -691,7 +701,7 @@ def report_other_caches(folder, in_use, log):
 # reused by later runs while the files are unchanged and shared (through the page cache) by every process on the
 # machine
 
-CACHE_VERSION = 2  # bump when the way images are stored changes
+CACHE_VERSION = 3  # bump when the way images are stored changes
 
 
 def cache_key(samples, how):

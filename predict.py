@@ -51,7 +51,7 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
         batch_paths, images = [], []
         for path in paths[start:start + batch_size]:
             try:
-                images.append(transform(data.load_image(path)))
+                images.append(transform(path))
                 batch_paths.append(path)
             except data.UnreadableImage as e:
                 print(f"warning: skipping {e}", file=sys.stderr, flush=True)

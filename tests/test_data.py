@@ -65,6 +65,27 @@ def test_exif_orientation_is_applied(tmp_path):
     assert top[0] > 200 and top[2] < 60  # the stored left edge is now the top
 
 
+
+def test_a_photo_far_larger_than_needed_is_decoded_at_a_reduced_scale(tmp_path):
+    """A 2048x1536 JPEG (EXIF-rotated) stored at 224 px or squashed to 448: decoded at half its size, stored within
+    about a level of the whole decode, upright, its aspect ratio kept; a PNG decodes whole."""
+    y, x = np.mgrid[0:1536, 0:2048]
+    noise = np.random.default_rng(0).normal(0, 8, (1536, 2048, 3))
+    pixels = np.stack([x / 8 % 256, y / 6 % 256, (x + y) / 10 % 256], -1) + noise
+    photo = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned: 1536 wide, 2048 high
+    photo.save(tmp_path / "photo.jpg", quality=90, exif=exif)
+    photo.save(tmp_path / "photo.png")
+    assert data.load_image(tmp_path / "photo.jpg", least=512).size == (768, 1024)  # 1/2: 1/4 would keep < 512
+    assert data.load_image(tmp_path / "photo.png", least=512).size == (2048, 1536)  # as stored: no EXIF, no draft
+    for side, resize in ((224, 256), (448, None)):
+        stored, aspect = data.read_image(tmp_path / "photo.jpg", side, resize)
+        whole, whole_aspect = data.store_image(data.load_image(tmp_path / "photo.jpg"), side, resize)
+        assert stored.shape == whole.shape == (side, side, 3) and aspect == pytest.approx(whole_aspect) == 0.75
+        assert (stored.float() - whole.float()).abs().mean() < 1.0
+
+
 # -- folder layout --------------------------------------------------------------
 
 def test_classes_and_files(tmp_path):
@@ -171,9 +192,8 @@ def test_augmentation_gives_uint8_crops_and_eval_the_center(image_folder):
         images, aspects, rows, _ = data.DecodedImages(train, *layout).__getitems__([0, 1, 2])
         out = augment(crop, "ta_wide", 1.0)(images, aspects, rows.numpy(), 0)
         assert out.dtype == torch.uint8 and out.shape == (3, 3, 32, 32)
-    image = data.load_image(train[0][0])
     preprocess = data.eval_preprocess(32)
-    out = data.eval_transform(preprocess)(image)
+    out = data.eval_transform(preprocess)(train[0][0])
     assert out.shape == (3, 32, 32) and preprocess["resize_size"] == 32
     assert data.eval_preprocess(224)["resize_size"] == 256
     x = data.make_normalize(preprocess, CPU)(out[None])

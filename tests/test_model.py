@@ -95,7 +95,7 @@ def test_training_starts_from_a_stem_whitened_on_its_images(trained_run, image_f
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
     preprocess = checkpoint["preprocess"]
     transform = data.eval_transform(preprocess)
-    images = torch.stack([transform(data.load_image(p)) for p in sorted((image_folder / "train").rglob("*.*"))])
+    images = torch.stack([transform(p) for p in sorted((image_folder / "train").rglob("*.*"))])
     normalized = data.make_normalize(preprocess, torch.device("cpu"))(images)
     out = torch.nn.functional.conv2d(normalized, checkpoint["model"]["stem.0.weight"].float())
     channels = out.permute(1, 0, 2, 3).reshape(out.shape[1], -1)[: out.shape[1] // 2]

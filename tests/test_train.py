@@ -250,7 +250,7 @@ def assert_shows_augmented_images(path, image_folder, count):
         tiles = [np.asarray(grid.crop((96 * i, 0, 96 * i + 96, 96)).resize((32, 32), Image.Resampling.NEAREST))
                  for i in range(min(count, 8))]
     transform = data.eval_transform(data.eval_preprocess(32))  # resized and center-cropped: not augmented
-    plain = [transform(data.load_image(p)).permute(1, 2, 0).numpy() for p in (image_folder / "train").rglob("*.*g")]
+    plain = [transform(p).permute(1, 2, 0).numpy() for p in (image_folder / "train").rglob("*.*g")]
     for tile in tiles:
         assert tile.std() > 10  # a picture, not a blank
         assert min(np.abs(tile.astype(int) - image).mean() for image in plain) > 3
@@ -727,7 +727,7 @@ def test_evaluate_with_test_time_augmentation(trained_run, image_folder):
     paths = sorted((image_folder / "val").rglob("*.*g"))
     transform, normalize = data.eval_transform(checkpoint["preprocess"]), data.make_normalize(checkpoint["preprocess"],
                                                                                             torch.device("cpu"))
-    images = normalize(torch.stack([transform(data.load_image(p)) for p in paths]))
+    images = normalize(torch.stack([transform(p) for p in paths]))
     targets = torch.tensor([checkpoint["classes"].index(p.parent.name) for p in paths])
     with torch.no_grad():
         logits = evaluate.tta_logits(model, images)
