@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
-from torchvision.transforms import v2
 
 from utils import agree_on_failure, first_line, seed_from
 
@@ -456,12 +455,15 @@ def make_normalize(preprocess, device, channels_last=False):
 
 def store_image(image, side, resize=None):
     """A PIL image as stored: (uint8 [side, side, 3], its aspect ratio width / height)."""
-    aspect = image.width / image.height
+    # torchvision's Resize(resize) and CenterCrop(side), to the pixel, in PIL: importing torchvision takes 1.5 s
+    (width, height), aspect = image.size, image.width / image.height
     if resize is None:
-        image = image.resize((side, side), Image.Resampling.BILINEAR)
-    else:
-        image = v2.functional.center_crop(v2.functional.resize(image, resize), side)
-    return torch.from_numpy(np.asarray(image).copy()), aspect
+        return torch.from_numpy(np.asarray(image.resize((side, side), Image.Resampling.BILINEAR)).copy()), aspect
+    size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = int(round((size[0] - side) / 2.0)), int(round((size[1] - side) / 2.0))
+    return torch.from_numpy(np.asarray(image.crop((left, top, left + side, top + side))).copy()), aspect
 
 
 def read_image(path, side, resize=None):
@@ -796,7 +798,7 @@ def decode_into(path, images, workers, log, chunk):
 #   on the training device, image by image: --auto-augment and --random-erase (torchvision's transforms)
 #   in the loader processes: nothing; they only read (decode files, or gather cached rows)
 
-AUTO_AUGMENT = {"ta_wide": v2.TrivialAugmentWide, "ra": v2.RandAugment, "augmix": v2.AugMix}
+AUTO_AUGMENT = {"ta_wide": "TrivialAugmentWide", "ra": "RandAugment", "augmix": "AugMix"}  # torchvision v2's
 
 
 def augment_batch(images, aspects, rows, epoch, *, seed, crop, size, padding, min_scale, auto_augment=None,
@@ -874,7 +876,8 @@ def resized_crop_flip(images, aspects, draws, flips, size, min_scale):
 def augment_each(images, seeds, auto_augment, random_erase):
     """torchvision's auto-augment policy and random erasing (to the mean colour), image by image, each seeded
     from its own seed."""
-    steps = [AUTO_AUGMENT[auto_augment]()] if auto_augment else []
+    from torchvision.transforms import v2  # imported when used: it takes 1.5 s
+    steps = [getattr(v2, AUTO_AUGMENT[auto_augment])()] if auto_augment else []
     if random_erase:
         steps.append(v2.RandomErasing(random_erase, value=[round(255 * m) for m in IMAGENET_MEAN]))
     transform = v2.Compose(steps)
@@ -892,9 +895,12 @@ def augment_each(images, seeds, auto_augment, random_erase):
 
 def make_mix(mixup_alpha, cutmix_alpha, num_classes):
     """MixUp or CutMix, one of them at random per batch (after normalisation: both are linear), or None."""
+    if not (mixup_alpha > 0 or cutmix_alpha > 0):
+        return None
+    from torchvision.transforms import v2  # imported when used: it takes 1.5 s
     mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
     mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
-    return v2.RandomChoice(mixes) if mixes else None
+    return v2.RandomChoice(mixes)
 
 
 # -----------------------------------------------------------------------------

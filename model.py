@@ -8,7 +8,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from utils import first_line
@@ -120,13 +119,19 @@ TORCHVISION_KWARGS = {
 }
 
 
+def torchvision_models():
+    """torchvision.models, imported when a torchvision model is asked for: the import takes 1.5 s."""
+    import torchvision
+    return torchvision.models
+
+
 def list_models():
-    return sorted(OWN_MODELS) + torchvision.models.list_models(module=torchvision.models)
+    return sorted(OWN_MODELS) + torchvision_models().list_models(module=torchvision_models())
 
 
 def check_model_name(name):
     """None if the name is known, else a message with the closest names."""
-    names = list_models()
+    names = [name] if name in OWN_MODELS else list_models()
     if name in names:
         return None
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
@@ -148,7 +153,7 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print):
     if name in OWN_MODELS:
         model = OWN_MODELS[name](num_classes=num_classes)
     else:
-        model = torchvision.models.get_model(name, num_classes=num_classes, **TORCHVISION_KWARGS.get(name, {}))
+        model = torchvision_models().get_model(name, num_classes=num_classes, **TORCHVISION_KWARGS.get(name, {}))
     if pretrained:
         load_matching(model, download_weights(name), "torchvision's default weights", log)
     if weights:
@@ -179,7 +184,7 @@ def download_weights(name):
     """torchvision's default ImageNet weights for `name`, from torch's hub folder or downloaded into it."""
     if check_pretrained(name):
         raise SystemExit(f"error: --pretrained: {check_pretrained(name)}")
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    weights = torchvision_models().get_model_weights(name).DEFAULT
     try:
         return weights.get_state_dict(progress=True)
     except OSError as e:  # no internet, as on many compute nodes

@@ -86,6 +86,21 @@ def test_a_photo_far_larger_than_needed_is_decoded_at_a_reduced_scale(tmp_path):
         assert (stored.float() - whole.float()).abs().mean() < 1.0
 
 
+
+def test_stored_images_are_torchvision_resize_and_center_crop_to_the_pixel():
+    """store_image resizes and crops in PIL alone (torchvision is imported only when used): the same pixels as
+    torchvision's v2 Resize(resize) then CenterCrop(side), for wide, tall, square, odd and already-sized images."""
+    from torchvision.transforms import v2
+    rng = np.random.default_rng(0)
+    sizes = ((300, 200, 224, 256), (123, 457, 32, 36), (77, 77, 64, 73), (256, 301, 224, 256), (40, 32, 32, 32),
+             (1000, 97, 96, 110))
+    for width, height, side, resize in sizes:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = np.asarray(v2.functional.center_crop(v2.functional.resize(image, resize), side))
+        stored, aspect = data.store_image(image, side, resize)
+        assert np.array_equal(stored.numpy(), expected) and aspect == width / height
+
+
 # -- folder layout --------------------------------------------------------------
 
 def test_classes_and_files(tmp_path):
