@@ -456,14 +456,16 @@ def make_normalize(preprocess, device, channels_last=False):
 def store_image(image, side, resize=None):
     """A PIL image as stored: (uint8 [side, side, 3], its aspect ratio width / height)."""
     # torchvision's Resize(resize) and CenterCrop(side), to the pixel, in PIL: importing torchvision takes 1.5 s
-    (width, height), aspect = image.size, image.width / image.height
+    width, height = image.size
     if resize is None:
-        return torch.from_numpy(np.asarray(image.resize((side, side), Image.Resampling.BILINEAR)).copy()), aspect
-    size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    left, top = int(round((size[0] - side) / 2.0)), int(round((size[1] - side) / 2.0))
-    return torch.from_numpy(np.asarray(image.crop((left, top, left + side, top + side))).copy()), aspect
+        image = image.resize((side, side), Image.Resampling.BILINEAR)
+    else:
+        size = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        left, top = int(round((size[0] - side) / 2.0)), int(round((size[1] - side) / 2.0))
+        image = image.crop((left, top, left + side, top + side))
+    return torch.from_numpy(np.asarray(image).copy()), width / height
 
 
 def read_image(path, side, resize=None):

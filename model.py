@@ -126,7 +126,8 @@ def torchvision_models():
 
 
 def list_models():
-    return sorted(OWN_MODELS) + torchvision_models().list_models(module=torchvision_models())
+    models = torchvision_models()
+    return sorted(OWN_MODELS) + models.list_models(module=models)
 
 
 def check_model_name(name):

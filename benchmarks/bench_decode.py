@@ -38,7 +38,8 @@ def main():
     preprocess = data.eval_preprocess(args.img_size)
     layouts = {"train (whole image, squashed)": (2 * args.img_size, None),
                "eval (resized, center crop)": (preprocess["img_size"], preprocess["resize_size"])}
-    print(f"{len(paths)} files, e.g. {data.load_image(paths[0]).size[0]}x{data.load_image(paths[0]).size[1]} px")
+    width, height = data.load_image(paths[0]).size
+    print(f"{len(paths)} files, e.g. {width}x{height} px")
     for name, (side, resize) in layouts.items():
         reduced = images_per_s(lambda path: data.read_image(path, side, resize), paths, args.repeats)
         whole = images_per_s(lambda path: data.store_image(data.load_image(path), side, resize), paths, args.repeats)
