@@ -122,6 +122,9 @@ def per_class_rows(metrics, classes):
         zip(classes, metrics["per_class_count"], metrics["per_class_top1"], metrics["confusion"])]
 
 
+REPORT_MATRIX_UP_TO = 20  # classes: a wider confusion matrix does not fit a terminal (--csv and --plot draw any)
+
+
 def format_report(metrics, classes):
     header, rows = per_class_rows(metrics, classes)
     rows = [[f"{x:.2f}%" if isinstance(x, float) else str(x) for x in row] for row in rows]
@@ -130,9 +133,21 @@ def format_report(metrics, classes):
         return "\n".join([f"{line}  (threshold {metrics['threshold']})", "", "per class:",
                           utils.format_table(rows, header)])
     rows = [[f"{i} {row[0]}", *row[1:]] for i, row in enumerate(rows)]  # predicted classes by number: narrow columns
+    if len(classes) > REPORT_MATRIX_UP_TO:
+        rows = [[*row[:3], mistaken_for(i, counts, classes)] for i, (row, counts) in
+                enumerate(zip(rows, metrics["confusion"]))]
+        return "\n".join([line, "", "per-class top-1 and the class most often predicted instead (the whole confusion "
+                          "matrix: --csv, --plot):", utils.format_table(rows, ["true class", "images", "top-1",
+                                                                             "most often predicted instead"])])
     header = ["true class", "images", "top-1"] + [str(i) for i in range(len(classes))]
     return "\n".join([line, "", "per-class top-1 and confusion matrix (rows: true, columns: predicted):",
                       utils.format_table(rows, header)])
+
+
+def mistaken_for(true, counts, classes):
+    """"name (share)" of the wrong class predicted most often for images of class `true`, or "" if none was."""
+    wrong = max((j for j in range(len(counts)) if j != true), key=counts.__getitem__)
+    return f"{classes[wrong]} ({100 * counts[wrong] / sum(counts):.0f}%)" if counts[wrong] else ""
 
 
 def write_csv(metrics, classes, path):

@@ -180,6 +180,30 @@ def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
     assert rows[0][:3] == ["class", "images", "top1"] and len(rows) == 4
 
 
+def test_the_report_of_many_classes_fits_a_terminal(tmp_path, capsys):
+    """A confusion matrix has a column per class: past 20 classes evaluate.py prints, for each class, the class it
+    is most often mistaken for instead; --csv keeps the whole matrix."""
+    import evaluate
+    classes = [f"class_{i:02d}" for i in range(25)]
+    folder = write_image_folder(tmp_path / "data", classes, n_train=2, n_val=1)
+    train.main(["--data", str(folder), "--epochs", "1", *TINY, "--output-dir", str(tmp_path / "run")])
+    capsys.readouterr()
+    metrics = evaluate.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--data", str(folder), "--workers", "0",
+                             "--csv", str(tmp_path / "m.csv")])
+    report = capsys.readouterr().out.splitlines()
+    assert max(map(len, report[1:])) <= 120 and len(report) == 2 + 2 + 1 + 25  # title, totals, heading, table
+    for true, row in enumerate(metrics["confusion"]):
+        line = next(line for line in report if line.startswith(f"{true} {classes[true]} "))
+        wrong = [count if j != true else 0 for j, count in enumerate(row)]
+        if max(wrong):
+            predicted = wrong.index(max(wrong))
+            assert line.endswith(f"{classes[predicted]} ({100 * max(wrong) / sum(row):.0f}%)")
+        else:
+            assert line.split()[-1].endswith("%")  # top-1, and no class named
+    rows = list(csv.reader(open(tmp_path / "m.csv")))
+    assert len(rows) == 26 and len(rows[0]) == 3 + 25
+
+
 def test_predict_names_the_class(trained_run, image_folder):
     out, _ = trained_run
     image = image_folder / "val" / "square" / "001.jpg"
