@@ -186,6 +186,7 @@ def resume_args(args):
     """A resumed run takes its arguments from the checkpoint; only how it runs (--workers, --device, --cache) may
     change. A flag given with another value than the run's is an error, not silently ignored."""
     checkpoint = utils.load_checkpoint(args.resume)
+    check_is_newest(checkpoint, args.resume)
     defaults = vars(get_args_parser().parse_args([]))
     saved = {**defaults, **checkpoint["args"]}  # flags newer than the run: their defaults
     removed = [f"--{name.replace('_', '-')}" for name, value in checkpoint["args"].items()
@@ -202,6 +203,16 @@ def resume_args(args):
                          f"from the run's: {', '.join(changed)}. Only --workers, --device and --cache may change; to "
                          f"train on with other settings, start a new run with --weights {args.resume}")
     return argparse.Namespace(**saved), checkpoint
+
+
+def check_is_newest(checkpoint, path):
+    """An error for a checkpoint behind the last.pt beside it (best.pt, epoch<N>.pt): resumed, it would replace
+    last.pt and the rows of results.csv after it."""
+    last = Path(path).parent / "last.pt"
+    if last.is_file() and not last.samefile(path) and checkpoint["step"] < utils.load_checkpoint(last)["step"]:
+        raise SystemExit(f"error: {path} is at epoch {checkpoint['epoch']}, behind {last}: resuming it would replace "
+                         f"{last.name} and the rows of results.csv after it. Continue the run with --resume {last}, "
+                         f"or start a new run from these weights with --weights {path}")
 
 
 def same(given, saved):

@@ -69,6 +69,12 @@ def test_patience_stops_and_the_run_counts_as_finished(image_folder, tmp_path):
     assert (out / "epoch2.pt").exists() and not (out / "epoch1.pt").exists()
     again = run_script("train.py", "--resume", out / "last.pt")
     assert "finished run" in again.stdout
+    # an older checkpoint of the run would resume behind last.pt, replacing it and the rows of results.csv after it
+    files = {name: (out / name).read_bytes() for name in ("last.pt", "results.csv")}
+    older = run_script("train.py", "--resume", out / "epoch2.pt", check=False)
+    assert older.returncode == 1 and f"error: {out / 'epoch2.pt'} is at epoch 2, behind {out / 'last.pt'}" in \
+        older.stderr and f"--resume {out / 'last.pt'}" in older.stderr and "--weights" in older.stderr
+    assert files == {name: (out / name).read_bytes() for name in files}
 
 
 def test_time_budget_refits_the_epochs_and_the_schedule(image_folder, tmp_path):
