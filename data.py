@@ -189,7 +189,10 @@ def parse_class_list(text):
     if text is None:
         return None
     if os.path.isfile(text):
-        return [line.strip() for line in Path(text).read_text().splitlines() if line.strip()]
+        try:  # utf-8-sig: a byte-order mark, as Notepad may write, is no part of a name
+            return [line.strip() for line in Path(text).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: {text} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     return [name.strip() for name in text.split(",") if name.strip()]
 
 

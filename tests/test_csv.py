@@ -128,6 +128,12 @@ def test_classes_fix_the_order_and_ignore_classes_drops(tmp_path):
         assert len(data.split_samples(root, split, ["cat", "dog"], ignore=["car", "bird"], log=lambda *_: None))
     (tmp_path / "classes.txt").write_text("car\ncat\n")
     assert data.parse_class_list(str(tmp_path / "classes.txt")) == ["car", "cat"]
+    # as Notepad saves it: a byte-order mark (invisible in the error it caused: "--classes names car"), CRLF
+    (tmp_path / "classes.txt").write_bytes("car\r\ncat\r\n".encode("utf-8-sig"))
+    assert data.parse_class_list(str(tmp_path / "classes.txt")) == ["car", "cat"]
+    (tmp_path / "classes.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"classes.txt is not UTF-8 text \(byte 3\)"):
+        data.parse_class_list(str(tmp_path / "classes.txt"))
     assert data.parse_class_list("a, b,c") == ["a", "b", "c"]
 
 
