@@ -272,7 +272,8 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
         text = csv_path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is no column name
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: {csv_path} is not UTF-8 text (byte {e.start}): save it as UTF-8 (Excel: CSV UTF-8)")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = text.partition("\n")[0]  # the separator: Excel writes ';' where the decimal mark is a comma
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=next((d for d in ",;\t" if d in header), ","))
     for column in (image_column, label_column):
         if column not in (reader.fieldnames or []):
             raise SystemExit(f"error: {csv_path} has no column {column!r} (it has: {', '.join(reader.fieldnames or [])}"

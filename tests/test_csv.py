@@ -71,6 +71,10 @@ def test_csv_saved_by_a_spreadsheet_reads_the_same(csv_dataset, tmp_path):
     quiet = {"log": lambda *_: None}
     assert data.load_csv_samples(csv_dataset / "excel.csv", **quiet) == data.load_csv_samples(
         csv_dataset / "train.csv", **quiet)
+    for separator in (";", "\t"):  # Excel's CSV where the decimal mark is a comma (German, French...); TSV
+        (csv_dataset / "other.csv").write_text(text.replace(",", separator))
+        assert data.load_csv_samples(csv_dataset / "other.csv", **quiet) == data.load_csv_samples(
+            csv_dataset / "train.csv", **quiet)
     (tmp_path / "legacy.csv").write_bytes("image,label\r\ncafé.jpg,café\r\n".encode("cp1252"))
     with pytest.raises(SystemExit, match=r"legacy.csv is not UTF-8 text .*save it as UTF-8"):
         data.read_csv_samples(tmp_path / "legacy.csv")
