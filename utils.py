@@ -6,6 +6,7 @@ import datetime
 import errno
 import math
 import os
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -69,10 +70,14 @@ def default_device():
 
 def cleanup_distributed():
     """Ends the process group once every process is done with it."""
-    # the barrier: tearing the group down while a peer still talks to it can abort the process
+    # the barrier: tearing the group down while a peer still talks to it can abort the process. The pause: gloo's
+    # worker threads free the tensors of the last collectives just after those return, and need the interpreter
+    # to do it; DDP keeps the group alive past destroy_process_group (torch 2.14), so nothing waits for them, and
+    # a process that is already exiting then aborts ("terminate called without an active exception")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        time.sleep(0.2)
 
 
 def get_rank():
