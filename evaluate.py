@@ -133,15 +133,14 @@ def format_report(metrics, classes):
         return "\n".join([f"{line}  (threshold {metrics['threshold']})", "", "per class:",
                           utils.format_table(rows, header)])
     rows = [[f"{i} {row[0]}", *row[1:]] for i, row in enumerate(rows)]  # predicted classes by number: narrow columns
+    header = ["true class", "images", "top-1"] + [str(i) for i in range(len(classes))]
+    title = "per-class top-1 and confusion matrix (rows: true, columns: predicted):"
     if len(classes) > REPORT_MATRIX_UP_TO:
         rows = [[*row[:3], mistaken_for(i, counts, classes)] for i, (row, counts) in
                 enumerate(zip(rows, metrics["confusion"]))]
-        return "\n".join([line, "", "per-class top-1 and the class most often predicted instead (the whole confusion "
-                          "matrix: --csv, --plot):", utils.format_table(rows, ["true class", "images", "top-1",
-                                                                             "most often predicted instead"])])
-    header = ["true class", "images", "top-1"] + [str(i) for i in range(len(classes))]
-    return "\n".join([line, "", "per-class top-1 and confusion matrix (rows: true, columns: predicted):",
-                      utils.format_table(rows, header)])
+        header = header[:3] + ["most often predicted instead"]
+        title = "per-class top-1 and the class most often predicted instead (the whole matrix: --csv, --plot):"
+    return "\n".join([line, "", title, utils.format_table(rows, header)])
 
 
 def mistaken_for(true, counts, classes):
