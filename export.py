@@ -80,6 +80,8 @@ def main(argv=None):
     sample = torch.randn(args.batch_size, 3, size, size, device=device, dtype=dtype)
     suffix = ".torchscript" if args.format == "torchscript" else ".onnx"
     path = Path(args.output or Path(args.ckpt).with_suffix(suffix))
+    if path.exists() and path.samefile(args.ckpt):
+        parser.error(f"--output {path} is the checkpoint itself, which the export would replace: name another file")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     with torch.inference_mode():

@@ -77,3 +77,14 @@ def test_onnx_export_runs_with_any_batch(trained_run, tmp_path):
     assert "largest difference from PyTorch" in result.stdout
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
     assert session.run(None, {"images": np.zeros((5, 3, 32, 32), np.float32)})[0].shape == (5, 3)
+
+
+def test_an_export_never_replaces_its_checkpoint(trained_run, tmp_path, capsys):
+    import shutil
+    import export
+    checkpoint = tmp_path / "best.pt"
+    shutil.copy(trained_run[0] / "best.pt", checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(SystemExit):
+        export.main(["--ckpt", str(checkpoint), "--output", str(tmp_path / "." / "best.pt")])
+    assert "error: --output " in capsys.readouterr().err and checkpoint.read_bytes() == before
