@@ -184,15 +184,21 @@ def select_classes(found, wanted=None, ignore=(), where="the data"):
     return wanted
 
 
+def read_utf8(path):
+    """A text file's contents, or an error naming it if it is not UTF-8."""
+    try:  # utf-8-sig: a byte-order mark, as spreadsheets and Notepad write, is no part of the first name
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 (Excel: CSV UTF-8)"
+                         ) from None
+
+
 def parse_class_list(text):
     """--classes a,b,c, or the path of a file with one class per line."""
     if text is None:
         return None
     if os.path.isfile(text):
-        try:  # utf-8-sig: a byte-order mark, as Notepad may write, is no part of a name
-            return [line.strip() for line in Path(text).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        except UnicodeDecodeError as e:
-            raise SystemExit(f"error: {text} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+        return [line.strip() for line in read_utf8(text).splitlines() if line.strip()]
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
@@ -268,10 +274,7 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
     if not csv_path.is_file():
         raise SystemExit(f"error: CSV file {csv_path} does not exist")
     folder = csv_path.parent.resolve()
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is no column name
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {csv_path} is not UTF-8 text (byte {e.start}): save it as UTF-8 (Excel: CSV UTF-8)")
+    text = read_utf8(csv_path)
     header = text.partition("\n")[0]  # the separator: Excel writes ';' where the decimal mark is a comma
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=next((d for d in ",;\t" if d in header), ","))
     for column in (image_column, label_column):
