@@ -375,14 +375,20 @@ def save_image_grid(images, captions, path, columns=8):
     grid.save(path, quality=90)
 
 
+NAMED_UP_TO = 100  # classes: beyond, a name would have under 12 px of height, so the axes give class indices
+
+
 def plot_confusion(confusion, classes, path):
-    """confusion_matrix.png: each row (true class) normalised, white to dark blue, class names on both axes."""
+    """confusion_matrix.png: each row (true class) normalised, white to dark blue, class names on both axes (class
+    indices past NAMED_UP_TO classes, where cells shrink to 1 px: 1,000 classes make a 1,100 px image)."""
     from PIL import Image, ImageDraw
     n = len(classes)
-    cell = max(12, min(60, 1200 // n))  # 2 classes: 60 px cells; 100 classes: 12 px
-    font = text_font(min(14, cell - 2))
-    names = [name if len(name) <= 24 else name[:23] + "…" for name in classes]
-    label = 12 + max(int(font.getlength(name)) for name in names)
+    named = n <= NAMED_UP_TO
+    cell = max(12 if named else 1, min(60, 1200 // n))  # 2 classes: 60 px cells; 100: 12; 1,000: 1
+    font = text_font(min(14, cell - 2) if named else 13)
+    ticks = range(n) if named else [int(t) for t in nice_ticks(0, n - 1, 10) if t < n]
+    names = {i: (classes[i] if len(classes[i]) <= 24 else classes[i][:23] + "…") if named else str(i) for i in ticks}
+    label = 12 + max(int(font.getlength(name)) for name in names.values())
     size = label + n * cell + 20
     caption, caption_font = "predicted (columns) / true (rows), each row normalised", text_font(13)
     width = max(size, int(caption_font.getlength(caption)) + 20)  # few classes: the caption sets the width
@@ -390,18 +396,20 @@ def plot_confusion(confusion, classes, path):
     draw = ImageDraw.Draw(image)
     counts = np.asarray(confusion, dtype=np.float64)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    for i in range(n):
-        for j in range(n):
-            shade = shares[i, j]
-            color = tuple(int(255 - shade * (255 - c)) for c in (8, 48, 107))
-            x, y = label + j * cell, label + i * cell
-            draw.rectangle([x, y, x + cell, y + cell], fill=color, outline=(220, 220, 220))
-            if cell >= 36:
-                draw.text((x + cell / 2, y + cell / 2), f"{shade:.2f}", font=font, anchor="mm",
-                          fill="white" if shade > 0.5 else "black")
-        draw.text((label - 6, label + i * cell + cell / 2), names[i], fill="black", font=font, anchor="rm")
-        column = Image.new("RGB", (label, cell), "white")  # column names: drawn sideways, then turned
-        ImageDraw.Draw(column).text((label - 6, cell / 2), names[i], fill="black", font=font, anchor="rm")
-        image.paste(column.rotate(-90, expand=True), (label + i * cell, 0))
+    cells = (255 - shares[..., None] * (255 - np.array([8, 48, 107]))).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
+    if named:  # grid lines between the cells
+        cells = np.pad(cells, ((0, 1), (0, 1), (0, 0)))
+        cells[::cell], cells[:, ::cell] = 220, 220
+    image.paste(Image.fromarray(cells), (label, label))
+    for i, name in names.items():
+        middle = label + i * cell + cell / 2
+        draw.text((label - 6, middle), name, fill="black", font=font, anchor="rm")
+        column = Image.new("RGB", (label, font.size + 4), "white")  # column names: drawn sideways, then turned
+        ImageDraw.Draw(column).text((label - 6, column.height / 2), name, fill="black", font=font, anchor="rm")
+        image.paste(column.rotate(-90, expand=True), (round(middle - column.height / 2), 0))
+    if cell >= 36:
+        for (i, j), share in np.ndenumerate(shares):
+            draw.text((label + j * cell + cell / 2, label + i * cell + cell / 2), f"{share:.2f}", font=font,
+                      anchor="mm", fill="white" if share > 0.5 else "black")
     draw.text((width / 2, size + 8), caption, fill="black", font=caption_font, anchor="mt")
     image.save(path)
