@@ -877,6 +877,8 @@ def plot_run(output_dir, task, classes, log):
 @contextmanager
 def stop_on_signals():
     """SIGTERM (a cluster preempting the job) and Ctrl-C set the event it gives: the loop saves, then stops."""
+    # entered once the data is ready: before, they end the run at once, since reading the data (an hour's cache
+    # build for ImageNet, which goes on where it stopped) has nothing to save
     # the previous handlers come back at the end: train.main may run inside another program
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -889,11 +891,16 @@ def stop_on_signals():
 
 def main(argv=None):
     args = parse_args(argv)
-    with stop_on_signals() as stop, utils.deterministic_mode(args.deterministic), ExitStack() as run_files:
-        train(args, stop, run_files)  # run_files: closed (train.log unlocked) however the run ends
+    try:
+        with utils.deterministic_mode(args.deterministic), ExitStack() as run_files:
+            train(args, run_files)  # run_files: closed (train.log unlocked, signals restored) however the run ends
+    except KeyboardInterrupt:  # Ctrl-C while the data was read: nothing trained yet
+        print("interrupted before training started: nothing to save (a cache build goes on where it stopped at "
+              "the next run)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
-def train(args, stop, run_files):
+def train(args, run_files):
     args, checkpoint = resume_args(args) if args.resume else (args, None)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     check_device(args, device, world_size)
@@ -911,6 +918,7 @@ def train(args, stop, run_files):
     preprocess = data.eval_preprocess(args.img_size, args.crop_pct)
     train_loader, val_loader = data.make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
                                                  world_size, device, output_dir, log)
+    stop = run_files.enter_context(stop_on_signals())  # from here on a signal saves the run, then stops it
     steps_per_epoch = count_steps(train_loader, args, world_size, log)
 
     # model, optimizer, loss

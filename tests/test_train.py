@@ -458,6 +458,27 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(image_folder, tmp_path, uni
     assert_same_weights(full, torch.load(out / "last.pt", weights_only=True))
 
 
+def test_ctrl_c_while_the_cache_is_built_stops_at_once(tmp_path):
+    """Ctrl-C before training starts (the cache build of an ImageNet-sized set takes an hour) ends the run at once,
+    with a line that says so and nothing saved."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "photos" / "train" / name).mkdir(parents=True)
+        for i in range(80):  # photo-sized noise: about a second to decode
+            Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / "train" / name / f"{i:02d}.jpg")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "photos"), "--img-size", "128", *TINY,
+           "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("data: --cache on"):  # the build begins
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=20)[0]
+    assert process.returncode == 130 and "interrupted before training started" in output, output
+    assert not list((tmp_path / "photos" / ".cache").glob("*.npy")) and not list((tmp_path / "run").glob("*.pt"))
+
+
 def test_default_run_learns_the_shapes(tmp_path):
     """`python train.py` with no --data: writes the shapes dataset once and trains on it with every default
     (smallnet, the cache, Muon); two epochs reach 95%, and predict.py names the right class as often as evaluation
