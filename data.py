@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from utils import agree_on_failure, first_line, seed_from
+from utils import agree_on_failure, all_gather, first_line, get_rank, get_world_size, seed_from
 
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision pretrained model expects these
@@ -77,24 +77,29 @@ def check_image(path):
 
 
 def scan_images(samples, strict=False, log=print, parallel_from=10_000):
-    """Drops the files that check_image refuses, naming each, or stops on them with strict. A set of
-    `parallel_from` files or more is checked by a process per core (at most 16)."""
+    """Drops the files that check_image refuses, naming each, or stops on them with strict. Under torchrun each
+    process checks its share of the files; a share of `parallel_from` files or more is checked by a process per
+    core (at most 16)."""
     paths = [path for path, _ in samples]
+    mine = paths[get_rank()::get_world_size()]  # every process checking every file: 8 GPUs, 8 times the reads
     # opening a header is as much Python work as a disk read: threads, held back by the GIL, gain nothing;
     # processes do (see the README's Speed). A small set is done before a pool of processes would have started.
-    processes = min(16, cpu_cores())
-    if len(paths) >= parallel_from and processes > 1:
+    processes = min(16, cores_per_process())
+    if len(mine) >= parallel_from and processes > 1:
         with ProcessPoolExecutor(processes) as pool:
-            problems = list(zip(paths, pool.map(check_image, paths, chunksize=256)))  # map keeps the order
+            whys = list(pool.map(check_image, mine, chunksize=256))
     else:
-        problems = [(path, check_image(path)) for path in paths]
-    bad = [(path, why) for path, why in problems if why]
+        whys = [check_image(path) for path in mine]
+    found = {}  # path: why, of every process's share
+    for share in all_gather({path: why for path, why in zip(mine, whys) if why}):
+        found.update(share)
+    bad = [(path, found[path]) for path in paths if path in found]
     if bad:
         listing = "\n".join(f"  {path}: {why}" for path, why in bad)
         if strict:
             raise SystemExit(f"error: {len(bad)} unusable image file(s) (--strict stops on them):\n{listing}")
         log(f"warning: skipping {len(bad)} unusable image file(s) (--strict makes this an error):\n{listing}")
-    return [sample for sample, (_, why) in zip(samples, problems) if not why]
+    return [sample for sample in samples if sample[0] not in found]
 
 
 def to_rgb(image):
@@ -621,7 +626,7 @@ def make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
     else:
         train_layout = (whole_image_side([path for path, _ in train_samples], args.img_size, args.min_scale), None)
     splits = [(train_samples, train_layout), (val_samples, (preprocess["img_size"], preprocess["resize_size"]))]
-    workers = default_workers(world_size, device) if args.workers is None else args.workers
+    workers = default_workers(device) if args.workers is None else args.workers
     if decide_cache(args.cache, [(len(samples), layout[0]) for samples, layout in splits], log):
         (train_images, train_rows), (val_images, val_rows) = cache_splits(args, splits, rank, local_rank, device,
                                                                           output_dir, log)
@@ -642,19 +647,25 @@ def make_loaders(args, train_samples, val_samples, preprocess, rank, local_rank,
     return train, val
 
 
-def default_workers(world_size, device):
+def default_workers(device):
     """Loader processes per training process: on a GPU every core but one (at most 16), on the CPU fewer."""
     # on the CPU they compete with the model for cores: leave about half to compute; with 2 cores or fewer per
     # process the model's threads use them all, and loading in the training process itself is faster
-    cores = cpu_cores()
+    cores = cores_per_process()
     if device.type == "cuda":
-        return max(1, min(16, cores // world_size - 1))
-    return 0 if cores // world_size <= 2 else max(1, min(8, cores // (2 * world_size)))
+        return max(1, min(16, cores - 1))
+    return 0 if cores <= 2 else max(1, min(8, cores // 2))
 
 
 def cpu_cores():
     """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def cores_per_process():
+    """This machine's cores shared among the training processes on it (torchrun's LOCAL_WORLD_SIZE; not the
+    world size, which counts the processes of every node)."""
+    return max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size())))
 
 
 def decide_cache(cache, counts_and_sides, log):

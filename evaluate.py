@@ -84,7 +84,7 @@ def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off
         labels.append(targets.float())
     scores = torch.cat(scores) if scores else torch.zeros(0, num_classes, device=device)
     labels = torch.cat(labels) if labels else torch.zeros(0, num_classes, device=device)
-    scores, labels = utils.all_gather_cat(scores.cpu()), utils.all_gather_cat(labels.cpu())
+    scores, labels = torch.cat(utils.all_gather(scores.cpu())), torch.cat(utils.all_gather(labels.cpu()))
     loss = F.binary_cross_entropy_with_logits(scores, labels).item() if len(scores) else 0.0
     predicted, truth = scores.sigmoid() >= threshold, labels > 0.5
     tp, fp, fn = (predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0)

@@ -123,13 +123,13 @@ def agree_on_failure(failed):
     return bool(flags.item()) and not failed
 
 
-def all_gather_cat(tensor):
-    """The rows of a CPU tensor from every process, concatenated in rank order (itself on one process)."""
+def all_gather(value):
+    """[every process's value] (any picklable object) in rank order; [value] on one process."""
     if not dist.is_initialized():
-        return tensor
+        return [value]
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, tensor)
-    return torch.cat(parts)
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 # -----------------------------------------------------------------------------

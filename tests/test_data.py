@@ -470,3 +470,14 @@ def test_cached_loaders_shard_and_batch(tmp_path):
     train = data.Batches(images, targets, sampler, 4, CPU, augment("padded"), drop_last=True)
     sampler.set_epoch(1)
     assert len(train) == 15 // 4 == len(list(train))
+
+
+def test_loader_workers_share_the_cores_of_their_node(monkeypatch):
+    """Loader processes per training process divide the node's cores among its own processes (torchrun's
+    LOCAL_WORLD_SIZE), not among every node's (the world size)."""
+    monkeypatch.setattr(data, "cpu_cores", lambda: 32)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes here, of 8 on 2 nodes
+    monkeypatch.setattr(data, "get_world_size", lambda: 8)
+    assert data.default_workers(torch.device("cuda")) == 7 and data.default_workers(torch.device("cpu")) == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher that does not say: the world size, to be safe
+    assert data.default_workers(torch.device("cuda")) == 3

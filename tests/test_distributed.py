@@ -153,6 +153,36 @@ def test_two_nodes_train_together(image_folder, two_process_run, tmp_path):
         assert all(torch.equal(one_node[key][k], two_nodes[key][k]) for k in one_node[key]), key
 
 
+def test_each_header_is_checked_by_one_process(tmp_path):
+    """Under torchrun the header scan is shared: each process reads half of the files (8 GPUs each reading every
+    file of ImageNet would take 8 times as long), and every process keeps the same files and skips the same ones."""
+    from conftest import write_messy_files
+    root = write_image_folder(tmp_path / "ds", n_train=10, splits=("train",))
+    write_messy_files(root / "train" / "circle")
+    script = tmp_path / "scan.py"
+    script.write_text(f"""import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+import data, utils
+checked, check = [], data.check_image
+data.check_image = lambda path: checked.append(path) or check(path)
+rank = utils.setup_distributed("cpu")[0]
+samples = data.list_images({str(root / "train")!r}, data.find_classes({str(root / "train")!r}))
+kept = data.scan_images(samples, log=lambda message: print(message.splitlines()[0]))
+print(json.dumps({{"checked": checked, "kept": kept, "files": len(samples)}}))
+utils.cleanup_distributed()
+""")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(script)], capture_output=True, text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2 and reports[0]["kept"] == reports[1]["kept"]
+    files = reports[0]["files"]
+    assert sorted(reports[0]["checked"] + reports[1]["checked"]) == sorted(set(reports[0]["checked"] +
+                                                                              reports[1]["checked"]))
+    assert [len(r["checked"]) for r in reports] == [(files + 1) // 2, files // 2]
+    assert len(reports[0]["kept"]) == files - 4 and result.stdout.count("skipping 4 unusable image file(s)") == 2
+
+
 def test_read_only_data_and_a_process_without_validation_images(tmp_path):
     """A dataset on a read-only file system: the cache goes to the output folder, which every process knows, so it
     is decoded once. One validation image for two processes: the second evaluates none and must still take part."""
