@@ -242,7 +242,8 @@ def files_digest(samples):
     that holds them all, so a copy of the data elsewhere has the same digest."""
     paths = [path for path, _ in samples]
     common = os.path.commonpath(paths) if paths else ""
-    return hashlib.sha1("\n".join(os.path.relpath(path, common) for path in paths).encode()).hexdigest()[:16]
+    # fsencode: a name's bytes as on disk, also a name that is not UTF-8 (as zips made on Windows extract)
+    return hashlib.sha1(b"\n".join(os.fsencode(os.path.relpath(path, common)) for path in paths)).hexdigest()[:16]
 
 
 def find_val_dir(data_root):
@@ -733,7 +734,7 @@ def cache_key(samples, how):
     digest = hashlib.sha1(f"{CACHE_VERSION} {how}".encode())
     for path, target in samples:
         stat = os.stat(path)
-        digest.update(f"{path}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(path) + f"\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -115,7 +115,7 @@ def main(argv=None):
         rows = [[path] + [f"{classes[i]} {p:.3f}" for i, p in top] for path, top in results]
         width = max(len(top) for _, top in results)
         header = [f"top-{k + 1}" if threshold is None else f"label {k + 1}" for k in range(width)]
-        print(utils.format_table(rows, ["image"] + header))
+        print(utils.printable(utils.format_table(rows, ["image"] + header)))
     return results
 
 

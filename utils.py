@@ -268,11 +268,18 @@ def make_logger(log_file=None, enabled=True):
     def log(message=""):
         if not enabled:
             return
+        message = printable(message)
         print(message, flush=True)
         if log_file:
             log_file.write(message + "\n")
             log_file.flush()
     return log
+
+
+def printable(text):
+    """The text with any file name that is not UTF-8 (held as surrogates, which a UTF-8 stream refuses: a crash)
+    shown as `ls` shows it."""
+    return text.encode(errors="surrogateescape").decode(errors="replace")
 
 
 def format_table(rows, header):

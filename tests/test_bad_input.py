@@ -1,6 +1,7 @@
 """Bad files, bad flags, bad checkpoints: a clear message naming the culprit, never a traceback wall."""
 import importlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -17,6 +18,10 @@ def messy_folder(tmp_path_factory):
     root = write_image_folder(tmp_path_factory.mktemp("messy"))
     write_messy_files(root / "train" / "circle")
     write_messy_files(root / "val" / "square")
+    # names that are not UTF-8, as a zip made on Windows extracts them here: an image, and an unusable file
+    circle = root / "train" / "circle"
+    shutil.copy(circle / "000.png", circle / os.fsdecode(b"caf\xe9.png"))
+    (circle / "corrupt.png").rename(circle / os.fsdecode(b"corrupt-caf\xe9.png"))
     return root
 
 
@@ -36,9 +41,10 @@ def test_header_scan_names_each_bad_file(messy_folder):
 
 @pytest.mark.parametrize("cache", ["--cache", "--no-cache"])
 def test_training_on_a_messy_folder_skips_and_finishes(messy_folder, tmp_path, cache):
+    strict_stdout = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # as in a UTF-8 locale (this one may be C)
     result = run_script("train.py", "--data", messy_folder, "--epochs", 2, "--model", "smallnet_tiny", "-b", 8,
-                        "--workers", 2, cache, "--output-dir", tmp_path / "run")
-    assert "skipping 4 unusable image file(s)" in result.stdout
+                        "--workers", 2, cache, "--output-dir", tmp_path / "run", env=strict_stdout)
+    assert "skipping 4 unusable image file(s)" in result.stdout and "corrupt-caf\ufffd.png: " in result.stdout
     if cache == "--no-cache":  # found by a loader process: left out of its batch, named once in two epochs
         for split, folder in (("train", "circle"), ("val", "square")):
             for name in ("truncated.jpg", "truncated.png"):
@@ -69,6 +75,11 @@ def test_predict_skips_unreadable_files(trained_run, tmp_path):
     assert predicted == {"000.png"}  # the three good images share this name; none of the bad ones
     assert len(json.loads(result.stdout)) == 3
     assert all(name in result.stderr for name, unusable in bad.items() if unusable)
+    latin = tmp_path / os.fsdecode(b"caf\xe9.png")  # a name that is not UTF-8, printed in a UTF-8 locale
+    shutil.copy(next((tmp_path / "good").rglob("000.png")), latin)
+    table = run_script("predict.py", latin, "--ckpt", run_dir / "best.pt",
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert "caf\ufffd.png" in table.stdout
 
 
 @pytest.mark.parametrize("make,message", [
