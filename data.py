@@ -44,11 +44,19 @@ class UnreadableImage(Exception):
     pass
 
 
+def open_image(path):
+    """Image.open without PIL's warning about images over 89 megapixels (phones take 108 MP photos, which the JPEG
+    draft decodes fast); those over twice that are still refused, as PIL refuses them (DecompressionBombError)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def load_image(path, least=None):
     """An image file as upright RGB. least: a JPEG at least twice as large in both dimensions is decoded at 1/2,
     1/4 or 1/8 of its size (PIL's draft, in the DCT: fast), keeping at least `least` px on both sides."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if least:  # formats other than JPEG ignore it
                 image.draft(None, (least, least))
             image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in the pixels
@@ -65,12 +73,11 @@ def check_image(path):
     if os.path.getsize(path) == 0:
         return "empty file"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"too many pixels for PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS} pixels)"
+        with open_image(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        return (f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, PIL's decompression-bomb limit (if it is a real "
+                "image, raise PIL.Image.MAX_IMAGE_PIXELS in data.py)")
     except Exception as e:
         return f"not a readable image ({type(e).__name__}: {e})"
     return "zero-sized image" if width * height == 0 else None
@@ -418,7 +425,7 @@ def image_sizes(paths, max_samples=256):
     sizes = []
     for path in paths[::max(1, len(paths) // max_samples)]:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 sizes.append(image.size)
         except Exception:  # unreadable files are reported by the loader, not here
             pass

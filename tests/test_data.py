@@ -86,6 +86,21 @@ def test_a_photo_far_larger_than_needed_is_decoded_at_a_reduced_scale(tmp_path):
         assert (stored.float() - whole.float()).abs().mean() < 1.0
 
 
+def test_a_108_megapixel_phone_photo_is_read_and_a_bomb_is_not(tmp_path):
+    """Over PIL's 89-megapixel warning, a phone's 108 MP photo is an image like any other, decoded fast (1/8 in
+    the JPEG decoder), without a warning; a header that claims 900 MP is refused, as PIL refuses it."""
+    import warnings
+    from conftest import png_header_only
+    Image.new("RGB", (12000, 9000), (120, 130, 140)).save(tmp_path / "phone.jpg", quality=90)
+    (tmp_path / "bomb.png").write_bytes(png_header_only(30000, 30000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.check_image(tmp_path / "phone.jpg") is None
+        stored, aspect = data.read_image(tmp_path / "phone.jpg", 224, 256)
+    assert stored.shape == (224, 224, 3) and aspect == pytest.approx(4 / 3)
+    assert stored[100, 100].tolist() == [120, 130, 140]
+    assert data.check_image(tmp_path / "bomb.png").startswith("over 178,956,970 pixels")
+
 
 def test_stored_images_are_torchvision_resize_and_center_crop_to_the_pixel():
     """store_image resizes and crops in PIL alone (torchvision is imported only when used): the same pixels as
