@@ -27,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, features
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from utils import agree_on_failure, all_gather, first_line, get_rank, get_world_size, seed_from
 
-IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+# .jfif and .jpe: JPEGs as browsers on Windows save them; .avif where this Pillow reads it (recent ones do)
+IMG_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif",
+                  *[".avif"] * ("avif" in features.get_supported_modules())}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision pretrained model expects these
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -152,7 +154,7 @@ def list_images(folder, classes, log=print):
                     samples.append((os.path.join(root, file), index))
                 elif not file.startswith("."):
                     others[Path(file).suffix.lower() or file] += 1
-    if others:  # .heic, .avif, .svg...: images the user may expect to be read
+    if others:  # .heic, .svg...: images the user may expect to be read
         log(f"warning: {others.total()} file(s) in the class folders of {folder} are not images by their names "
             f"({', '.join(f'{n} {kind}' for kind, n in sorted(others.items()))}): left out; the names read end in "
             f"{' '.join(sorted(IMG_EXTENSIONS))}")
