@@ -188,6 +188,9 @@ def select_classes(found, wanted=None, ignore=(), where="the data"):
     if not wanted:
         return kept
     wanted = [c for c in wanted if c not in ignore]
+    repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+    if repeated:  # a class at two indices: its images would be trained on with both labels
+        raise SystemExit(f"error: --classes names {', '.join(repeated)} more than once: list each class once")
     missing = [c for c in wanted if c not in found]
     if missing:
         raise SystemExit(f"error: --classes names {', '.join(missing)}, which {where} does not have")

@@ -125,6 +125,9 @@ def test_classes_fix_the_order_and_ignore_classes_drops(tmp_path):
         data.load_samples(root, wanted=["cat", "car"], log=lambda *_: None)
     with pytest.raises(SystemExit, match="--classes names bird"):
         data.load_samples(root, wanted=["cat", "car", "dog", "bird"], log=lambda *_: None)
+    # a class listed twice (two lists pasted together) would give its images both indices: both labels
+    with pytest.raises(SystemExit, match="--classes names cat more than once"):
+        data.load_samples(root, wanted=["cat", "car", "dog", "cat"], log=lambda *_: None)
     with pytest.raises(SystemExit, match="--ignore-classes names cars, which .*train does not have"):  # a typo
         data.load_samples(root, ignore=["cars"], log=lambda *_: None)
     # evaluate.py applies the run's --ignore-classes to other data, which may lack that class: nothing to leave out
