@@ -168,13 +168,14 @@ data.check_image = lambda path: checked.append(path) or check(path)
 rank = utils.setup_distributed("cpu")[0]
 samples = data.list_images({str(root / "train")!r}, data.find_classes({str(root / "train")!r}))
 kept = data.scan_images(samples, log=lambda message: print(message.splitlines()[0]))
-print(json.dumps({{"checked": checked, "kept": kept, "files": len(samples)}}))
+with open({str(tmp_path)!r} + f"/report{{rank}}.json", "w") as f:  # not stdout, where two processes' lines mix
+    json.dump({{"checked": checked, "kept": kept, "files": len(samples)}}, f)
 utils.cleanup_distributed()
 """)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                              str(script)], capture_output=True, text=True, timeout=120, env=ENV)
     assert result.returncode == 0, result.stdout + result.stderr
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads((tmp_path / f"report{rank}.json").read_text()) for rank in (0, 1)]
     assert len(reports) == 2 and reports[0]["kept"] == reports[1]["kept"]
     files = reports[0]["files"]
     assert sorted(reports[0]["checked"] + reports[1]["checked"]) == sorted(set(reports[0]["checked"] +
