@@ -179,8 +179,11 @@ def main(argv=None):
     if (args.data is None) == (args.val_csv is None):
         parser.error("give one of --data and --val-csv")
     utils.check_ranges(parser, args, {"batch_size": "[1, inf)", "workers": "[0, inf)", "topk": "[1, inf)"})
-    for path in filter(None, (args.json, args.csv, args.plot)):  # into new folders, as train.py's --output-dir
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if path and Path(path).exists() and Path(path).samefile(args.ckpt):
+            parser.error(f"{flag} {path} is the checkpoint itself, which the report would replace: name another file")
+        if path:  # into new folders, as train.py's --output-dir
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     log = utils.make_logger(enabled=rank == 0)
 

@@ -79,8 +79,10 @@ def test_onnx_export_runs_with_any_batch(trained_run, tmp_path):
     assert session.run(None, {"images": np.zeros((5, 3, 32, 32), np.float32)})[0].shape == (5, 3)
 
 
-def test_an_export_never_replaces_its_checkpoint(trained_run, tmp_path, capsys):
+def test_an_export_never_replaces_its_checkpoint(trained_run, image_folder, tmp_path, capsys):
+    """Nor do evaluate.py's reports: an output file named like the checkpoint is an error."""
     import shutil
+    import evaluate
     import export
     checkpoint = tmp_path / "best.pt"
     shutil.copy(trained_run[0] / "best.pt", checkpoint)
@@ -88,3 +90,7 @@ def test_an_export_never_replaces_its_checkpoint(trained_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main(["--ckpt", str(checkpoint), "--output", str(tmp_path / "." / "best.pt")])
     assert "error: --output " in capsys.readouterr().err and checkpoint.read_bytes() == before
+    for flag in ("--json", "--csv", "--plot"):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--ckpt", str(checkpoint), "--data", str(image_folder), flag, str(checkpoint)])
+        assert f"error: {flag} " in capsys.readouterr().err and checkpoint.read_bytes() == before
