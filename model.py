@@ -20,7 +20,7 @@ from utils import first_line
 # Few layers at low resolution: most of its work is large, dense convolutions, which is what both a CPU and a
 # GPU run fastest. airbench's methods, which only work together: a fixed whitening stem computed from the data
 # (whiten_stem); 3x3 filters that start as the identity (dirac) on their first channels; BatchNorm without a
-# learned scale, with a tiny eps and a short memory; a bias-free head on logits scaled down by the width, and
+# learned scale, with a short memory; a bias-free head on logits scaled down by the width, and
 # learning rates per parameter (`lr_scale`, read by train.make_optimizer): 64x on BatchNorm biases, more on the head.
 # Together with --opt muon (train.py's default for these nets) they buy the most accuracy per epoch.
 
@@ -34,8 +34,10 @@ def conv_norm(c_in, c_out, norm):
 
 def batch_norm(channels):
     """BatchNorm with its scale fixed at 1 (the next conv's filter norm is fixed too: a scale would do nothing but
-    drift), a tiny eps, and running statistics that follow the last steps (torch's momentum is 1 - airbench's)."""
-    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    drift), and running statistics that follow the last steps (torch's momentum is 1 - airbench's)."""
+    # torch's eps, not airbench's 1e-12: a channel without variance (max-pooled black backgrounds of grayscale
+    # digits) has its gradient multiplied by 1 / sqrt(eps), and at 1e6 a layer the run diverged at its first step
+    norm = nn.BatchNorm2d(channels, eps=1e-5, momentum=0.4)
     norm.weight.requires_grad_(False)
     norm.bias.lr_scale = 64.0
     return norm
@@ -98,6 +100,11 @@ class SmallNet(nn.Sequential):
             covariance, count = covariance + patches.T @ patches, count + len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)  # ascending order
         filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.flip(0).reshape(-1, c, k, k)  # largest first
+        # directions in which the images do not vary (8 of the 12 for grayscale saved as RGB) hold rounding noise:
+        # channels without variance, whose gradients BatchNorm multiplies (see batch_norm). Their places take the
+        # directions that do vary, once more.
+        varying = int((eigenvalues >= 1e-9 * eigenvalues.max()).sum())  # rounding: < 1e-12; CIFAR-10: > 1e-5
+        filters = filters[torch.arange(len(filters)) % varying]
         half = conv.out_channels // 2
         if half > len(filters) or conv.out_channels % 2:
             raise ValueError(f"a whitening stem has an even width of at most {2 * len(filters)}, "

@@ -87,6 +87,11 @@ def test_whitened_stem_decorrelates_patches():
     tiny = model_lib.build_model("smallnet_tiny", 10)
     tiny.whiten_stem(images)  # a narrower stem keeps the 8 largest directions
     assert tiny.stem[0].weight.shape == (16, 3, 2, 2)
+    gray = images.mean(1, keepdim=True).repeat(1, 3, 1, 1)  # 4 directions of 12 vary: the rest is rounding noise
+    net.whiten_stem(gray)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(gray, net.stem[0].weight)
+    assert out.var(dim=(0, 2, 3)).min() > 0.5  # every channel one of the 4, none of noise (1e-13)
 
 
 def test_training_starts_from_a_stem_whitened_on_its_images(trained_run, image_folder):
