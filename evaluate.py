@@ -67,7 +67,7 @@ def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels
     top1, topk = 100 * correct[0] / max(count, 1), 100 * correct[-1] / max(count, 1)
     return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": ks[-1], "topk": topk,
             "per_class_count": per_class_count.tolist(), "confusion": confusion.tolist(),
-            "per_class_top1": (100 * confusion.diag() / per_class_count.clamp(min=1)).tolist(),
+            "per_class_top1": percentages(confusion.diag(), per_class_count),
             # what train.py selects best.pt by, logs and writes to results.csv
             "score": top1, "summary": f"top-1 {top1:.2f}% top-{ks[-1]} {topk:.2f}%",
             "columns": {"val_top1": top1, "val_top5": topk}}
@@ -88,17 +88,22 @@ def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off
     loss = F.binary_cross_entropy_with_logits(scores, labels).item() if len(scores) else 0.0
     predicted, truth = scores.sigmoid() >= threshold, labels > 0.5
     tp, fp, fn = (predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0)
-    precision, recall = tp / (tp + fp).clamp(min=1), tp / (tp + fn).clamp(min=1)
     f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
     present = truth.any(0)  # classes without a positive image have no recall, F1 or AP to speak of
     micro_f1 = 100 * 2 * tp.sum().item() / max(1, (2 * tp + fp + fn).sum().item())
     macro_f1 = 100 * f1[present].mean().item() if present.any() else 0.0
     mean_ap = 100 * average_precision(scores, truth)[present].mean().item() if present.any() else 0.0
     return {"count": len(scores), "loss": loss, "threshold": threshold, "f1": micro_f1, "macro_f1": macro_f1,
-            "map": mean_ap, "per_class_count": truth.sum(0).tolist(), "per_class_precision": (100 * precision).tolist(),
-            "per_class_recall": (100 * recall).tolist(), "score": micro_f1,
+            "map": mean_ap, "per_class_count": truth.sum(0).tolist(), "per_class_precision": percentages(tp, tp + fp),
+            "per_class_recall": percentages(tp, tp + fn), "score": micro_f1,
             "summary": f"F1 {micro_f1:.2f}% (macro {macro_f1:.2f}%) mAP {mean_ap:.2f}%",
             "columns": {"val_f1": micro_f1, "val_macro_f1": macro_f1, "val_map": mean_ap}}
+
+
+def percentages(parts, wholes):
+    """100 * part / whole for each class, or None where the whole is 0: a class with no image to score has no
+    accuracy, which 0% would misreport as every image wrong."""
+    return [100 * part / whole if whole else None for part, whole in zip(parts.tolist(), wholes.tolist())]
 
 
 def average_precision(scores, truth):
@@ -127,7 +132,7 @@ REPORT_MATRIX_UP_TO = 20  # classes: a wider confusion matrix does not fit a ter
 
 def format_report(metrics, classes):
     header, rows = per_class_rows(metrics, classes)
-    rows = [[f"{x:.2f}%" if isinstance(x, float) else str(x) for x in row] for row in rows]
+    rows = [[f"{x:.2f}%" if isinstance(x, float) else "-" if x is None else str(x) for x in row] for row in rows]
     line = f"images {metrics['count']}  loss {metrics['loss']:.4f}  {metrics['summary']}"
     if "f1" in metrics:
         return "\n".join([f"{line}  (threshold {metrics['threshold']})", "", "per class:",

@@ -178,6 +178,14 @@ def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
     assert "per-class top-1" in result.stdout and "confusion matrix" in result.stdout and "triangle" in result.stdout
     rows = list(csv.reader(open(tmp_path / "new2" / "m.csv")))
     assert rows[0][:3] == ["class", "images", "top1"] and len(rows) == 4
+    # a val/ that lacks a class: that class has no top-1 (not 0%, which reads as every image wrong)
+    shutil.copytree(image_folder, tmp_path / "lacking")
+    shutil.rmtree(tmp_path / "lacking" / "val" / "triangle")
+    import evaluate
+    lacking = evaluate.main(["--ckpt", str(out / "best.pt"), "--data", str(tmp_path / "lacking"), "--workers", "0"])
+    assert lacking["per_class_count"][2] == 0 and lacking["per_class_top1"][2] is None
+    assert None not in lacking["per_class_top1"][:2]
+    assert re.search(r"\n2 triangle +0 +- ", evaluate.format_report(lacking, ["circle", "square", "triangle"]))
 
 
 def test_the_report_of_many_classes_fits_a_terminal(tmp_path, capsys):
