@@ -393,8 +393,10 @@ def plot_confusion(confusion, classes, path):
     named = n <= NAMED_UP_TO
     cell = max(12 if named else 1, min(60, 1200 // n))  # 2 classes: 60 px cells; 100: 12; 1,000: 1
     font = text_font(min(14, cell - 2) if named else 13)
-    ticks = range(n) if named else [int(t) for t in nice_ticks(0, n - 1, 10) if t < n]
-    names = {i: (classes[i] if len(classes[i]) <= 24 else classes[i][:23] + "…") if named else str(i) for i in ticks}
+    if named:
+        names = {i: name if len(name) <= 24 else name[:23] + "…" for i, name in enumerate(classes)}
+    else:  # about 10 round class indices on each axis
+        names = {int(t): str(int(t)) for t in nice_ticks(0, n - 1, 10) if t < n}
     label = 12 + max(int(font.getlength(name)) for name in names.values())
     size = label + n * cell + 20
     caption, caption_font = "predicted (columns) / true (rows), each row normalised", text_font(13)
