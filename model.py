@@ -152,9 +152,10 @@ def check_pretrained(name):
     return f"torchvision has no weights for our {name}; use --weights PATH" if name in OWN_MODELS else None
 
 
-def build_model(name, num_classes, pretrained=False, weights=None, log=print):
+def build_model(name, num_classes, pretrained=False, weights=None, log=print, classes=None):
     """`pretrained`: torchvision's default weights (a download); `weights`: a local state dict or checkpoint.
-    Either way tensors whose shape does not fit (the head, for other classes) are dropped."""
+    Either way tensors whose shape does not fit (the head, for other classes) are dropped, except that the head of
+    one of our checkpoints keeps the rows of the class names it shares with `classes` (this run's)."""
     error = check_model_name(name)
     if error:
         raise ValueError(error)
@@ -170,8 +171,9 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print):
         except Exception as e:
             raise SystemExit(f"error: --weights {weights}: not a state dict or checkpoint that torch.load reads "
                              f"with weights_only=True ({type(e).__name__})") from None
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-            state_dict = trained_weights(state_dict)  # one of our checkpoints
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):  # one of our checkpoints
+            state_dict = head_by_class_name(model, trained_weights(state_dict), state_dict.get("classes"), classes,
+                                            weights, log)
         load_matching(model, state_dict, weights, log)
     return model
 
@@ -200,6 +202,27 @@ def download_weights(name):
         raise SystemExit(f"error: --pretrained: could not download {weights.url} ({e}); on a machine without "
                          f"internet, download it elsewhere and put it at {file}, or give a file with --weights"
                          ) from None
+
+
+def head_by_class_name(model, state_dict, saved, classes, source, log):
+    """state_dict with its head's rows moved to where `classes` has the same names as `saved` (the checkpoint's);
+    a class the checkpoint lacks keeps its freshly initialised row. Unchanged for the same classes in order."""
+    own, head = model.state_dict(), head_name(model)
+    keys = [key for key in (f"{head}.weight", f"{head}.bias") if key in state_dict and key in own]
+    if (not saved or not classes or list(saved) == list(classes) or not keys
+            or any(state_dict[key].shape != (len(saved), *own[key].shape[1:]) for key in keys)):
+        return state_dict  # another architecture's head is dropped by its shape
+    row = {name: i for i, name in enumerate(saved)}
+    mapped = dict(state_dict)
+    for key in keys:
+        mapped[key] = own[key].clone()
+        for i, name in enumerate(classes):
+            if name in row:
+                mapped[key][i] = state_dict[key][row[name]]
+    kept = sum(name in row for name in classes)
+    log(f"model: {kept} of this run's {len(classes)} classes keep their rows of the head of {source}, matched by "
+        "name" + ("" if kept == len(classes) else "; the others start fresh"))
+    return mapped
 
 
 def load_matching(model, state_dict, source, log=print):
@@ -242,10 +265,15 @@ def keep_frozen_in_eval(frozen):
         module.eval()  # BatchNorm in a frozen stage uses, and does not update, its running statistics
 
 
+def head_name(model):
+    """The name of the layer that outputs the logits: the last Linear, or squeezenet's 1x1 convolution."""
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))][-1]
+
+
 def set_head_dropout(model, p):
-    """Dropout p on the input of the last Linear layer (the head), in place of the dropout that sits beside it."""
+    """Dropout p on the input of the head, in place of the dropout that sits beside it."""
     # a hook, so that the state dict, and every checkpoint, keeps its usual keys
-    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    name = head_name(model)
     parent, head = model.get_submodule(name.rpartition(".")[0]), model.get_submodule(name)
     for sibling in parent.children():
         if isinstance(sibling, nn.Dropout):

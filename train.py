@@ -376,11 +376,11 @@ def count_steps(train_loader, args, world_size, log):
     return len(train_loader) // args.accum_steps
 
 
-def make_model(args, num_classes, world_size, device, log):
+def make_model(args, classes, world_size, device, log):
     """The model to train, on `device`, and its frozen stages."""
     # SyncBatchNorm replaces BatchNorm modules, so it comes before the freezing, which holds the modules it froze
     utils.seed_everything(args.seed)  # the same initial weights in every process
-    model = build_model(args.model, num_classes, args.pretrained, args.weights, log)
+    model = build_model(args.model, len(classes), args.pretrained, args.weights, log, classes)
     check_image_size(model, args.model, args.img_size)
     if args.dropout is not None:
         set_head_dropout(model, args.dropout)
@@ -922,7 +922,7 @@ def train(args, run_files):
     steps_per_epoch = count_steps(train_loader, args, world_size, log)
 
     # model, optimizer, loss
-    model, frozen = make_model(args, len(classes), world_size, device, log)
+    model, frozen = make_model(args, classes, world_size, device, log)
     normalize = data.make_normalize(preprocess, device, args.channels_last)
     if hasattr(model, "whiten_stem") and not args.weights and checkpoint is None:  # a resumed run has its stem
         whiten_stem(model, train_loader, normalize, log)

@@ -19,18 +19,40 @@ TINY = ["--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
 
 
 def test_freeze_backbone_trains_only_the_head(trained_run, tmp_path):
-    """Fine-tune our own best.pt on data with other classes: a new head, the rest frozen, BatchNorm statistics too."""
+    """Fine-tune our own best.pt on data with other classes: the head's rows follow the class names, the rest is
+    frozen, BatchNorm statistics too."""
     run_dir, _ = trained_run
-    other = write_image_folder(tmp_path / "other", classes=("ring", "star"))
+    other = write_image_folder(tmp_path / "other", classes=("ring", "square"))
     out = tmp_path / "ft"
     result = run_script("train.py", "--data", other, "--epochs", 1, *TINY, "--weights", run_dir / "best.pt",
                         "--freeze-backbone", "--output-dir", out)
     assert "froze 4 of 5 stages; training fc" in result.stdout and "--freeze without" not in result.stdout
-    assert "dropped 1 tensor(s) of another shape" in result.stdout  # the 3-class head (smallnet's has no bias)
+    assert "1 of this run's 2 classes keep their rows" in result.stdout  # square; ring starts fresh
     before = torch.load(run_dir / "best.pt", weights_only=True)["model"]
     after = torch.load(out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("fc."))  # weights and BN stats
     assert after["fc.weight"].shape[0] == 2
+
+
+def test_weights_of_our_run_keep_the_head_rows_of_the_classes_they_share(trained_run):
+    """A head trained on circle, square, triangle: its rows go where this run has the same class names (fine-tuning
+    with classes reordered, added or dropped), never to whichever class has the same index."""
+    run_dir, _ = trained_run
+    head = models.trained_weights(torch.load(run_dir / "best.pt", weights_only=True))["fc.weight"]
+    def fine_tune(classes):
+        messages = []
+        net = models.build_model("smallnet_tiny", len(classes), weights=run_dir / "best.pt", classes=classes,
+                                 log=messages.append)
+        return net.fc.weight, "\n".join(messages)
+
+    rows, log = fine_tune(["triangle", "square", "circle"])
+    assert torch.equal(rows, head.flip(0)) and "3 of this run's 3 classes keep their rows" in log
+    rows, log = fine_tune(["square", "star", "circle", "x"])
+    assert torch.equal(rows[0], head[1]) and torch.equal(rows[2], head[0])
+    assert not any(torch.equal(rows[i], row) for i in (1, 3) for row in head)  # new classes: fresh rows
+    assert "2 of this run's 4 classes keep their rows" in log
+    rows, log = fine_tune(["circle", "square", "triangle"])
+    assert torch.equal(rows, head) and "keep their rows" not in log
 
 
 def test_freeze_first_stages(image_folder, tmp_path):
@@ -45,12 +67,13 @@ def test_freeze_first_stages(image_folder, tmp_path):
     assert not net.bn1.training and net.layer2[0].bn1.training
 
 
-def test_dropout_applies_in_training_only_and_keeps_the_state_dict(tmp_path):
-    net = models.build_model("smallnet_tiny", 3, log=lambda *_: None)
+@pytest.mark.parametrize("name", ["smallnet_tiny", "squeezenet1_1"])  # a Linear head, a convolution head
+def test_dropout_applies_in_training_only_and_keeps_the_state_dict(name):
+    net = models.build_model(name, 3, log=lambda *_: None)
     keys = set(net.state_dict())
     models.set_head_dropout(net, 0.9)
     assert set(net.state_dict()) == keys
-    x = torch.rand(4, 3, 32, 32)
+    x = torch.rand(4, 3, 64, 64)
     net.eval()
     assert torch.equal(net(x), net(x))
     net.train()
@@ -113,7 +136,7 @@ def test_sync_bn_keeps_frozen_batchnorm_frozen():
     import train
     args = train.parse_args(["--model", "resnet18", "--freeze", "2", "--sync-bn", "--img-size", "32"])
     messages = []
-    model, frozen = train.make_model(args, 3, 2, torch.device("cpu"), log=messages.append)
+    model, frozen = train.make_model(args, ["a", "b", "c"], 2, torch.device("cpu"), log=messages.append)
     assert isinstance(model.bn1, torch.nn.SyncBatchNorm) and model.bn1 in frozen
     assert "warning: --freeze without --pretrained or --weights" in messages[-1]  # random weights, frozen
     model.train()
