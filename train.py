@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import utils
 from evaluate import EVALUATE
-from model import (OWN_MODELS, build_model, check_image_size, check_model_name, check_pretrained, freeze,
+from model import (OWN_MODELS, build_model, check_image_size, check_model_name, check_pretrained, freeze, head_name,
                    keep_frozen_in_eval, list_models, load_weights, set_head_dropout)
 
 # the defaults of each optimizer's recipe, for the flags not given. Muon's is airbench94's (at batch 1024: its
@@ -425,8 +425,7 @@ def make_optimizer(model, args, device):
     """Nesterov SGD, AdamW, or Muon on the filters of convolutions and hidden linear layers with Nesterov SGD on
     the rest. No weight decay on norm weights and biases (every 0- or 1-dimensional parameter). A parameter's
     `lr_scale` attribute (our smallnet sets some) multiplies its learning rate."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    head = linears[-1].weight if linears else None  # the last layer is no filter
+    head = model.get_submodule(head_name(model)).weight  # the last layer is no filter
     groups = {}
     for p in (p for p in model.parameters() if p.requires_grad):
         is_filter = args.opt == "muon" and p.ndim > 1 and p is not head

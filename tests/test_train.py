@@ -339,6 +339,10 @@ def test_optimizer_groups_follow_the_recipe():
     assert [g["lr"] / args.lr for g in muon.param_groups if not g["orthogonalize"]] == pytest.approx([64, 806.4])
     adamw = train.make_optimizer(net, recipe_args("--opt", "adamw"), torch.device("cpu"))
     assert [g["lr_scale"] for g in adamw.param_groups] == [1, 1]  # filters and head; biases
+    squeezenet = build_model("squeezenet1_1", 3)  # its head is a 1x1 convolution: no filter either
+    muon = train.make_optimizer(squeezenet, recipe_args("--opt", "muon"), torch.device("cpu"))
+    assert not any(p is squeezenet.classifier[1].weight for g in muon.param_groups if g["orthogonalize"]
+                   for p in g["params"])
 
 
 def test_batch_norm_statistics_are_recomputed_at_the_evaluated_weights():
