@@ -136,6 +136,14 @@ def is_image_file(name):
     return not name.startswith(".") and Path(name).suffix.lower() in IMG_EXTENSIONS
 
 
+def files_under(folder):
+    """The paths of the files under folder, through linked folders, past hidden files and folders (.git,
+    .ipynb_checkpoints, macOS's ._ files): what training reads of a class folder and predict.py of a folder."""
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (os.path.join(root, file) for file in sorted(files) if not file.startswith("."))
+
+
 def list_images(folder, classes, log=print):
     """[(path, class index)] for every image file under folder/<class>/, matched by extension in any case."""
     loose = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
@@ -147,13 +155,11 @@ def list_images(folder, classes, log=print):
         class_dir = Path(folder) / name
         if not class_dir.is_dir():
             continue
-        for root, dirs, files in os.walk(class_dir, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for file in sorted(files):
-                if is_image_file(file):
-                    samples.append((os.path.join(root, file), index))
-                elif not file.startswith("."):
-                    others[Path(file).suffix.lower() or file] += 1
+        for path in files_under(class_dir):
+            if is_image_file(os.path.basename(path)):
+                samples.append((path, index))
+            else:
+                others[Path(path).suffix.lower() or os.path.basename(path)] += 1
     if others:  # .heic, .svg...: images the user may expect to be read
         log(f"warning: {others.total()} file(s) in the class folders of {folder} are not images by their names "
             f"({', '.join(f'{n} {kind}' for kind, n in sorted(others.items()))}): left out; the names read end in "

@@ -27,7 +27,7 @@ def expand_inputs(inputs):
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(str(p) for p in Path(item).rglob("*") if data.is_image_file(p.name))
+            paths += sorted(p for p in data.files_under(item) if data.is_image_file(os.path.basename(p)))
         elif os.path.isfile(item):
             paths.append(item)
         elif glob.has_magic(item):

@@ -66,15 +66,19 @@ def test_evaluation_counts_each_decodable_image_once(messy_folder, trained_run):
 
 
 def test_predict_skips_unreadable_files(trained_run, tmp_path):
+    """A folder is searched as training searches a class folder: through linked folders, past hidden ones."""
     run_dir, _ = trained_run
     bad = write_messy_files(tmp_path)
-    write_image_folder(tmp_path / "good", n_train=1, splits=("train",))
+    good = write_image_folder(tmp_path / "good", n_train=1, splits=("train",))
     latin = os.fsdecode(b"caf\xe9.png")  # a name that is not UTF-8, printed in a UTF-8 locale (this one may be C)
-    shutil.copy(next((tmp_path / "good").rglob("000.png")), tmp_path / latin)
+    shutil.copy(next(good.rglob("000.png")), tmp_path / latin)
+    (good / ".ipynb_checkpoints").mkdir()  # Jupyter's copies of what it opened
+    shutil.copy(next(good.rglob("000.png")), good / ".ipynb_checkpoints" / "000-checkpoint.png")
+    (tmp_path / "linked").symlink_to(good / "train" / "circle")
     result = run_script("predict.py", tmp_path, "--ckpt", run_dir / "best.pt",
                         env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     predicted = [line.split()[0].rsplit("/", 1)[-1] for line in result.stdout.splitlines()[1:]]
-    assert sorted(predicted) == ["000.png"] * 3 + ["caf\ufffd.png"]  # the good images; none of the bad ones
+    assert sorted(predicted) == ["000.png"] * 4 + ["caf\ufffd.png"]  # the good images; none of the bad ones
     assert all(name in result.stderr for name, unusable in bad.items() if unusable)
 
 
