@@ -880,7 +880,10 @@ def stop_on_signals():
     # build for ImageNet, which goes on where it stopped) has nothing to save
     # the previous handlers come back at the end: train.main may run inside another program
     stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # ignored by who started us (`train.py &` in a script, nohup): stays so
+            signal.signal(signum, lambda *_: stop.set())
     try:
         yield stop
     finally:

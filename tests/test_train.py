@@ -4,6 +4,7 @@ import csv
 import json
 import re
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -798,3 +799,20 @@ def test_evaluate_with_test_time_augmentation(trained_run, image_folder):
     assert metrics["count"] == 18
     assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-4)
     assert metrics["top1"] == pytest.approx(100 * (logits.argmax(1) == targets).float().mean().item())
+
+
+def test_a_signal_the_caller_ignores_stays_ignored():
+    """`python train.py &` in a script (or nohup) ignores Ctrl-C of the script: the run must not stop on it, as
+    Python itself does not install its Ctrl-C handler then. SIGTERM still saves and stops."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with train.stop_on_signals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # a signal's Python handler runs between bytecodes of the main thread
+            assert not stop.is_set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            assert stop.is_set()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
