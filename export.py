@@ -41,10 +41,15 @@ def meta_path(path):
 def export_torchscript(model, sample, path):
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export, but it is what runs everywhere
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(model, sample)
-        traced.save(str(path))
-        loaded = torch.jit.load(str(path), map_location=sample.device)
+        torch.jit.trace(model, sample).save(str(path))
+    loaded = load_torchscript(path, sample.device)
     return lambda x: loaded(x)
+
+
+def load_torchscript(path, device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecation of torch.jit, as in export_torchscript
+        return torch.jit.load(str(path), map_location=device)
 
 
 def export_onnx(model, sample, path, dynamic_batch):

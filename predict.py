@@ -76,7 +76,7 @@ def load_for_prediction(path, device):
         if meta.get("format", "torchscript") != "torchscript":
             raise SystemExit(f"error: {path} is an {meta['format']} export: predict.py runs checkpoints and "
                              "TorchScript exports (python export.py --ckpt CKPT); run ONNX files with onnxruntime")
-        model = torch.jit.load(path, map_location=device)
+        model = export.load_torchscript(path, device)
         return model, meta["classes"], meta["preprocess"], meta.get("multilabel", False)
     checkpoint = utils.load_checkpoint(path)
     return model_from_checkpoint(checkpoint, path).to(device), checkpoint["classes"], checkpoint["preprocess"], \
