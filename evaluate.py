@@ -167,7 +167,7 @@ def get_args_parser():
     p.add_argument("--val-csv", help="instead of --data: a CSV of images and labels (the training run's columns)")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     p.add_argument("-b", "--batch-size", type=int, help="per process (default: the training batch size)")
-    p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes per process (default: 2)")
+    p.add_argument("-j", "--workers", type=int, help="loader processes per process (default: as train.py)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--amp", choices=list(utils.AMP_DTYPES), help="mixed precision (default: the training run's)")
     p.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, at most the classes (default: 5)")
@@ -211,8 +211,9 @@ def main(argv=None):
                 "or renamed since): it may hold images the model trained on")
     if not samples:
         raise SystemExit(f"error: no usable images in {args.val_csv or f'the {args.split} split of {args.data}'}")
-    loader = data.eval_batches(samples, preprocess, args.batch_size or train_args["batch_size"], device, args.workers,
-                               rank, world_size)
+    workers = data.default_workers(device) if args.workers is None else args.workers
+    loader = data.eval_batches(samples, preprocess, args.batch_size or train_args["batch_size"], device, workers, rank,
+                               world_size)
 
     model = model_from_checkpoint(checkpoint, args.ckpt).to(device)
     channels_last = train_args["channels_last"]

@@ -498,3 +498,15 @@ def test_loader_workers_share_the_cores_of_their_node(monkeypatch):
     assert data.default_workers(torch.device("cuda")) == 7 and data.default_workers(torch.device("cpu")) == 4
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher that does not say: the world size, to be safe
     assert data.default_workers(torch.device("cuda")) == 3
+
+
+def test_evaluate_loads_with_the_workers_training_would(trained_run, image_folder, monkeypatch):
+    """evaluate.py without -j takes the loader processes that train.py takes on the same machine (every core but
+    one on a GPU), not a fixed count."""
+    import evaluate
+    chosen = []
+    eval_batches = data.eval_batches
+    monkeypatch.setattr(data, "eval_batches", lambda *a, **k: chosen.append(a[4]) or eval_batches(*a, **k))
+    monkeypatch.setattr(data, "cpu_cores", lambda: 2)
+    evaluate.main(["--ckpt", str(trained_run[0] / "best.pt"), "--data", str(image_folder)])
+    assert chosen == [data.default_workers(torch.device("cpu"))] == [0]
