@@ -232,7 +232,7 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
     if not data_root.is_dir():
         raise SystemExit(f"error: dataset folder {data_root} does not exist")
     if not train_dir.is_dir():
-        raise SystemExit(f"error: {data_root} has no train/ folder; expected {data_root}/train/<class>/<image>")
+        raise SystemExit(no_train_folder(data_root))
     if not find_classes(train_dir):
         raise SystemExit(f"error: {train_dir} has no class folders; expected {train_dir}/<class>/<image>")
     classes = select_classes(find_classes(train_dir), wanted, ignore, train_dir)
@@ -253,6 +253,19 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
         raise SystemExit(f"error: no usable validation images in {val_dir or train_dir}: {fix}")
     log(f"data: {len(classes)} classes, {len(train)} train and {len(val)} val images")
     return classes, train, val
+
+
+def no_train_folder(folder):
+    """The error for a dataset folder without train/, with what to do if it holds class folders of images: it is
+    the split folder of a dataset that --data named, or in the DATA/<class>/ layout of Keras and ImageFolder."""
+    classes = [name for name in find_classes(folder) if any(is_image_file(e.name) for e in os.scandir(folder / name))]
+    if classes and folder.name in ("train", "val", "test") and (folder.parent / "train").is_dir():
+        return f"error: {folder} is the {folder.name}/ folder of a dataset: give --data {folder.parent}"
+    if classes:
+        names = ", ".join(classes[:3]) + ", ..." * (len(classes) > 3)
+        return (f"error: {folder} holds class folders of images ({names}) but no train/ folder: move them into "
+                f"{folder}/train/ (a share is held out for validation, --val-fraction)")
+    return f"error: {folder} has no train/ folder; expected {folder}/train/<class>/<image>"
 
 
 def files_digest(samples):
@@ -418,7 +431,9 @@ def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print
             raise SystemExit(f"error: {data_root} has no test/ folder")
         return scan_images(check_val_classes(test_dir, classes, log, ignore), strict, log)
     train_dir = Path(data_root) / "train"
-    found = find_classes(train_dir) if train_dir.is_dir() else []
+    if not train_dir.is_dir():
+        raise SystemExit(no_train_folder(Path(data_root)))
+    found = find_classes(train_dir)
     ignored_here = [c for c in ignore if c in found]  # the run's --ignore-classes: this data may lack some
     data_classes = select_classes(found, None, ignored_here)
     if sorted(data_classes) != sorted(classes):

@@ -97,6 +97,20 @@ def test_bad_dataset_folders(make, message, tmp_path, monkeypatch):
         train.main(["--data", str(root)])
 
 
+def test_a_dataset_folder_in_another_layout_says_how_to_give_it(tmp_path):
+    """Keras' and ImageFolder's layout, DATA/<class>/, and --data naming the train/ folder of a dataset."""
+    write_image_folder(tmp_path / "x", splits=("train",)).joinpath("train").rename(tmp_path / "flowers")
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'flowers'} holds class folders of images (circle, ")):
+        data.load_samples(tmp_path / "flowers")
+    write_image_folder(tmp_path / "ds")
+    message = f"train is the train/ folder of a dataset: give --data {tmp_path / 'ds'}"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        data.load_samples(tmp_path / "ds" / "train")
+    message = f"val is the val/ folder of a dataset: give --data {tmp_path / 'ds'}"
+    with pytest.raises(SystemExit, match=re.escape(message)):  # evaluate.py --data DATA/val
+        data.split_samples(tmp_path / "ds" / "val", "val", ["circle", "square", "triangle"])
+
+
 class RunsCode:
     def __reduce__(self):
         import os
