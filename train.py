@@ -775,8 +775,9 @@ class Progress:
     def line(self, step, loss_sum, lr):
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step - self.first_step, 1) * (self.steps - step)
+        speed = self.seen * utils.get_world_size() / elapsed  # every process's, as the epoch line's: they see as many
         return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(self.seen, 1):.4f}  lr {lr:.4g}  "
-                f"{self.seen / elapsed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
+                f"{speed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
                 f"eta {timedelta(seconds=round(eta))}")
 
     def update(self, *state):
