@@ -85,10 +85,10 @@ def check_image(path):
     return "zero-sized image" if width * height == 0 else None
 
 
-def scan_images(samples, strict=False, log=print, parallel_from=10_000):
-    """Drops the files that check_image refuses, naming each, or stops on them with strict. Under torchrun each
-    process checks its share of the files; a share of `parallel_from` files or more is checked by a process per
-    core (at most 16)."""
+def scan_images(samples, strict=False, log=print, parallel_from=10_000, listed=20):
+    """Drops the files that check_image refuses, naming the first `listed` and counting them, or stops on them
+    with strict. Under torchrun each process checks its share of the files; a share of `parallel_from` files or
+    more is checked by a process per core (at most 16)."""
     paths = [path for path, _ in samples]
     mine = paths[get_rank()::get_world_size()]  # every process checking every file: 8 GPUs, 8 times the reads
     # opening a header is as much Python work as a disk read: threads, held back by the GIL, gain nothing;
@@ -103,8 +103,9 @@ def scan_images(samples, strict=False, log=print, parallel_from=10_000):
     for share in all_gather({path: why for path, why in zip(mine, whys) if why}):
         found.update(share)
     bad = [(path, found[path]) for path in paths if path in found]
+    listing = "\n".join(f"  {path}: {why}" for path, why in bad[:listed]) + (
+        f"\n  ... and {len(bad) - listed} more" if len(bad) > listed else "")
     if bad:
-        listing = "\n".join(f"  {path}: {why}" for path, why in bad)
         if strict:
             raise SystemExit(f"error: {len(bad)} unusable image file(s) (--strict stops on them):\n{listing}")
         log(f"warning: skipping {len(bad)} unusable image file(s) (--strict makes this an error):\n{listing}")
@@ -236,7 +237,7 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
     if not find_classes(train_dir):
         raise SystemExit(f"error: {train_dir} has no class folders; expected {train_dir}/<class>/<image>")
     classes = select_classes(find_classes(train_dir), wanted, ignore, train_dir)
-    train = check_nonempty(scan_images(list_images(train_dir, classes, log), strict, log), classes, train_dir)
+    train = scan_training_images(list_images(train_dir, classes, log), classes, train_dir, strict, log)
 
     val_dir = find_val_dir(data_root)
     if val_dir is None:
@@ -282,7 +283,12 @@ def find_val_dir(data_root):
     return next((Path(data_root) / s for s in ("val", "test") if (Path(data_root) / s).is_dir()), None)
 
 
-def check_nonempty(samples, classes, where):
+def scan_training_images(listed, classes, where, strict, log):
+    """scan_images, then an error if no file, or no file of a class, is usable."""
+    samples = scan_images(listed, strict, log)
+    if listed and not samples:  # paths relative to another folder, a dataset not yet copied...
+        raise SystemExit(f"error: no usable training images in {where}: the warning above names the unusable files "
+                         "(are they where they were listed? a CSV's relative paths start at its folder)")
     present = {i for _, t in samples for i in ([t] if isinstance(t, int) else t.nonzero().flatten().tolist())}
     empty = [name for i, name in enumerate(classes) if i not in present]
     if empty:
@@ -324,6 +330,8 @@ def read_csv_samples(csv_path, image_column="image", label_column="label", delim
         if row[image_column] is None or row[label_column] is None:
             raise SystemExit(f"error: {where}: fewer cells than the header has columns")
         path = Path(row[image_column].strip())
+        if "\\" in str(path) and os.sep == "/" and not (folder / path).exists():  # written on Windows: dir\file.jpg
+            path = Path(str(path).replace("\\", "/"))
         if not path.is_absolute():
             path = folder / path
             if not path.resolve().is_relative_to(folder):
@@ -403,8 +411,8 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
         found = [str(i) for i in range(max(map(int, found)) + 1)]
     classes = select_classes(found, wanted, ignore, train_csv)
     train_rows = drop_ignored(train_rows, train_csv, ignore, multilabel, log)
-    train = check_nonempty(scan_images(index_labels(train_rows, classes, train_csv, multilabel), strict, log),
-                           classes, train_csv)
+    train = index_labels(train_rows, classes, train_csv, multilabel)
+    train = scan_training_images(train, classes, train_csv, strict, log)
     if val_csv:
         val_rows = read_labelled_csv(val_csv, columns, wanted, ignore, multilabel, log)
         trained_on = {path for path, _ in train_rows}

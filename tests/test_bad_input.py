@@ -97,6 +97,23 @@ def test_bad_dataset_folders(make, message, tmp_path, monkeypatch):
         train.main(["--data", str(root)])
 
 
+def test_many_unusable_files_are_counted_and_none_usable_is_an_error(tmp_path):
+    """Files that are not where they were listed (a CSV from another machine): the warning names the first 20 and
+    counts the rest, and when no file is usable an error says so (not that every class is empty)."""
+    write_image_folder(tmp_path, n_train=1, splits=("train",))
+    good = (str(tmp_path / "train" / "circle" / "000.png"), 0)
+    missing = [(str(tmp_path / f"{i}.png"), 0) for i in range(25)]
+    messages = []
+    assert data.scan_images([good, *missing], log=messages.append) == [good]
+    assert messages[0].startswith("warning: skipping 25 unusable") and messages[0].count("no such file") == 20
+    assert messages[0].endswith("\n  ... and 5 more")
+    with open(tmp_path / "elsewhere.csv", "w") as f:
+        f.write("image,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(25)))
+    with pytest.raises(SystemExit, match="no usable training images in .*elsewhere.csv: the warning above names"):
+        data.load_csv_samples(tmp_path / "elsewhere.csv", log=messages.append)
+    assert messages[-1].startswith("warning: skipping 25 unusable")
+
+
 def test_a_dataset_folder_in_another_layout_says_how_to_give_it(tmp_path):
     """Keras' and ImageFolder's layout, DATA/<class>/, and --data naming the train/ folder of a dataset."""
     write_image_folder(tmp_path / "x", splits=("train",)).joinpath("train").rename(tmp_path / "flowers")

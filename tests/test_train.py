@@ -2,9 +2,9 @@
 import argparse
 import csv
 import json
-import re
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -521,15 +521,18 @@ def test_small_photo_set_from_a_csv_whose_first_file_is_truncated(tmp_path):
     cache, resized crops). With a batch of 64 (3 steps per epoch) and its lr, this run once gave train loss 5.3 in
     epoch 2, val losses 54, 42, 6.2 and 67% val top-1; now the batch gives 16+ steps per epoch, the lr is scaled to
     it, and the run suggests --pretrained. Listed in random order after a file that passes the header scan and fails
-    to decode: the images after it must keep their own labels (once, every one was paired with its neighbour's)."""
+    to decode: the images after it must keep their own labels (once, every one was paired with its neighbour's).
+    The val CSV was written on Windows: its paths are split by backslashes."""
     from conftest import truncated_jpeg, write_photo_folder
     root = write_photo_folder(tmp_path / "photos")
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        rows = [(path.relative_to(root).as_posix(), path.parent.name) for path in sorted(root.glob(f"{split}/*/*"))]
+    for split, separator in (("train", "/"), ("val", "\\")):
+        rows = [(str(path.relative_to(root)).replace("/", separator), path.parent.name)
+                for path in sorted(root.glob(f"{split}/*/*"))]
         (root / split / "bad.jpg").write_bytes(truncated_jpeg())
         with open(root / f"{split}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([("image", "label"), (f"{split}/bad.jpg", "red_disc"), *rng.permutation(rows)])
+            csv.writer(f).writerows([("image", "label"), (f"{split}{separator}bad.jpg", "red_disc"),
+                                     *rng.permutation(rows)])
     result = run_script("train.py", "--train-csv", root / "train.csv", "--val-csv", root / "val.csv", "--epochs", 3,
                         "--output-dir", tmp_path / "run")
     assert "model: resnet18," in result.stdout and "--cache on" in result.stdout and "image size 96 px" in result.stdout
@@ -539,6 +542,7 @@ def test_small_photo_set_from_a_csv_whose_first_file_is_truncated(tmp_path):
     rows = read_results(tmp_path / "run")
     assert all(float(r["train_loss"]) < 1 and float(r["val_loss"]) < 5 for r in rows), rows
     assert float(rows[-1]["val_top1"]) >= 90
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["metrics"]["count"] == 153
 
 
 def test_grayscale_digits_train_with_every_default(tmp_path):
