@@ -169,7 +169,8 @@ def get_args_parser():
     p.add_argument("-b", "--batch-size", type=int, help="per process (default: the training batch size)")
     p.add_argument("-j", "--workers", type=int, help="loader processes per process (default: as train.py)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
-    p.add_argument("--amp", choices=list(utils.AMP_DTYPES), help="mixed precision (default: the training run's)")
+    p.add_argument("--amp", choices=list(utils.AMP_DTYPES),
+                   help="autocast dtype (default: the training run's where this device computes it fast)")
     p.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, at most the classes (default: 5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: flips (and shifts up to 64 px)")
     p.add_argument("--plot", help="also draw the normalised confusion matrix into this PNG file")
@@ -220,8 +221,8 @@ def main(argv=None):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     task = train_args.get("task", "single")
-    metrics = EVALUATE[task](model, loader, device, len(classes), preprocess, args.amp or train_args["amp"],
-                             channels_last, args.topk, args.tta)
+    amp = args.amp or utils.fast_amp(train_args["amp"], device)  # a run trained where bf16 is fast, evaluated where not
+    metrics = EVALUATE[task](model, loader, device, len(classes), preprocess, amp, channels_last, args.topk, args.tta)
 
     tta = ", with test-time augmentation" if args.tta else ""
     log(f"{args.ckpt} on {args.data or args.val_csv} ({args.split}{tta}):")

@@ -139,7 +139,8 @@ def get_args_parser():
     p.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights: evaluated and saved for use")
     p.add_argument("--model-ema-decay", type=float, default=0.999, help="EMA decay per optimizer step (default: 0.999)")
     # speed and numerics
-    p.add_argument("--amp", default="bf16", choices=list(utils.AMP_DTYPES), help="autocast dtype (default: bf16)")
+    p.add_argument("--amp", choices=list(utils.AMP_DTYPES),
+                   help="autocast dtype (default: bf16 where the device has bf16 units, else GPU fp16, CPU off)")
     p.add_argument("--channels-last", action=bool_flag, default=True, help="NHWC memory format (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     p.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across GPUs")
@@ -281,10 +282,13 @@ def is_finished(checkpoint, args, world_size, log):
 # -----------------------------------------------------------------------------
 # data
 
-def load_data(args, output_dir, local_rank, world_size, log):
+def load_data(args, output_dir, local_rank, world_size, device, log):
     """(args settled, classes, train and val samples): a new namespace with the flags whose defaults depend on the
-    data (--data for the demo, --img-size, --model, --train-crop) settled once."""
+    data or the device (--data for the demo, --img-size, --model, --train-crop, --amp) settled once."""
     settled = {"output_dir": str(output_dir)}
+    if args.amp is None:
+        settled["amp"] = utils.native_amp(device)
+        log(f"amp: {settled['amp']}, what this {device.type} computes fast (--amp)")
     if args.data is None and args.train_csv is None:
         if local_rank == 0:
             log(f"data: no --data given: training on generated shapes in {SHAPES_DIR} (written once)")
@@ -914,7 +918,7 @@ def train(args, run_files):
         return utils.cleanup_distributed()
 
     # data
-    args, classes, train_samples, val_samples = load_data(args, output_dir, local_rank, world_size, log)
+    args, classes, train_samples, val_samples = load_data(args, output_dir, local_rank, world_size, device, log)
     files = {"train": data.files_digest(train_samples), "val": data.files_digest(val_samples)}
     if checkpoint is not None:
         check_same_data(checkpoint, args.resume, classes, files)

@@ -57,10 +57,11 @@ def get_args():
 # the two loops that are not train.py
 
 def bare_loop(args, device, steps=30, warmup=5):
-    """train.py's numerics (bf16 autocast, channels_last, TF32 and cudnn autotuning on CUDA, fused SGD on CUDA,
+    """train.py's numerics (its default autocast, channels_last, TF32 and cudnn autotuning on CUDA, fused SGD on CUDA,
     foreach elsewhere) on one batch that never changes: no data, no bookkeeping."""
     import torch
     sys.path.insert(0, str(ROOT))
+    import utils
     from model import build_model
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -75,7 +76,7 @@ def bare_loop(args, device, steps=30, warmup=5):
         if i == warmup:
             synchronize(device)
             start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with utils.autocast(device, utils.native_amp(device)):
             loss = torch.nn.functional.cross_entropy(model(images).float(), targets)
         loss.backward()
         optimizer.step()

@@ -210,7 +210,7 @@ def settled_args(folder, out, *flags):
     """train.py's arguments for `folder`, with the data-dependent defaults settled as a run settles them."""
     import train
     args = train.parse_args(["--data", str(folder), "--output-dir", str(out), "--workers", "0", *flags])
-    return train.load_data(args, out, 0, 1, lambda *_: None)
+    return train.load_data(args, out, 0, 1, torch.device("cpu"), lambda *_: None)
 
 
 def augment(crop, auto_augment=None, random_erase=0.0, seed=5):

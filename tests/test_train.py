@@ -25,6 +25,7 @@ from conftest import ROOT, run_script, write_image_folder
 from model import build_model
 
 TINY = ["--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
+CPU = torch.device("cpu")
 
 
 def read_results(run_dir):
@@ -248,6 +249,25 @@ def test_predict_matches_evaluate_preprocessing(trained_run, image_folder):
     assert predicted == logits.argmax(1).tolist()
 
 
+def test_a_cpu_without_bf16_units_trains_and_evaluates_in_float32(image_folder, trained_run, tmp_path, monkeypatch):
+    """Emulated bf16 is slower than float32, 15x on a CPU without AVX-512: where the CPU has no bf16 instructions,
+    --amp is off by default, in training and in evaluate.py of a run trained in bf16 or fp16 on a GPU."""
+    import evaluate
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    train.main(["--data", str(image_folder), "--epochs", "1", *TINY, "--output-dir", str(tmp_path / "run")])
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["amp"] == "off"
+    assert "amp: off, what this cpu computes fast" in (tmp_path / "run" / "train.log").read_text()
+    checkpoint = torch.load(trained_run[0] / "best.pt", weights_only=True)
+    used, evaluate_single = [], evaluate.EVALUATE["single"]
+    monkeypatch.setitem(evaluate.EVALUATE, "single", lambda *a, **k: used.append(a[5]) or evaluate_single(*a, **k))
+    for amp in ("bf16", "fp16"):  # trained where it is fast: a GPU
+        checkpoint["args"]["amp"] = amp
+        torch.save(checkpoint, tmp_path / f"{amp}.pt")
+        evaluate.main(["--ckpt", str(tmp_path / f"{amp}.pt"), "--data", str(image_folder), "--workers", "0"])
+    assert used == ["off", "off"]
+
+
 def test_many_options_together(image_folder, tmp_path):
     """fp16 with a GradScaler (runs on the CPU too), EMA, MixUp/CutMix, clipping, accumulation, AdamW and resized
     crops, on the cached path (the default for small sets), with classes in an order of their own; evaluate.py
@@ -265,7 +285,8 @@ def test_many_options_together(image_folder, tmp_path):
     assert not torch.equal(checkpoint["model_ema"]["fc.weight"], checkpoint["model"]["fc.weight"])
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert "adamw" in str(checkpoint["args"]["opt"])
-    metrics = evaluate.main(["--ckpt", str(out / "last.pt"), "--data", str(image_folder), "--workers", "0"])
+    metrics = evaluate.main(["--ckpt", str(out / "last.pt"), "--data", str(image_folder), "--workers", "0",
+                             "--amp", "fp16"])  # as trained (by default a CPU evaluates fp16 runs in bf16 or float32)
     assert metrics["count"] == 18 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
     assert metrics["loss"] == pytest.approx(checkpoint["metrics"]["loss"], rel=1e-4)
     assert_shows_augmented_images(out / "train_batch.jpg", image_folder, 8)
@@ -615,7 +636,7 @@ def test_a_flag_that_the_other_settings_ignore_is_a_warning(image_folder, tmp_pa
     messages = []
     given = ["--opt", "adamw", "--momentum", "0.8", "--train-crop", "resized", "--crop-padding", "3",
              "--model-ema-decay", "0.99", "--muon-lr", "0.1", "--min-scale", "0.3"]
-    train.load_data(train.parse_args(["--data", str(image_folder), *given]), tmp_path, 0, 1, messages.append)
+    train.load_data(train.parse_args(["--data", str(image_folder), *given]), tmp_path, 0, 1, CPU, messages.append)
     warnings = [m for m in messages if m.startswith("warning: ")]
     assert warnings == ["warning: --momentum does nothing with --opt adamw",
                         "warning: --muon-lr does nothing without --opt muon",
@@ -623,13 +644,13 @@ def test_a_flag_that_the_other_settings_ignore_is_a_warning(image_folder, tmp_pa
                         "warning: --model-ema-decay does nothing without --model-ema"], warnings
     messages.clear()
     train.load_data(train.parse_args(["--data", str(image_folder), "--momentum", "0.8", "--crop-padding", "3"]),
-                    tmp_path, 0, 1, messages.append)  # the defaults here: muon (its SGD part), padded crops
+                    tmp_path, 0, 1, CPU, messages.append)  # the defaults here: muon (its SGD part), padded crops
     assert not [m for m in messages if m.startswith("warning: ")]
 
 
 def test_pretrained_picks_a_model_that_has_weights_for_small_images(image_folder, tmp_path):
     args = train.parse_args(["--data", str(image_folder), "--pretrained"])
-    settled, *_ = train.load_data(args, tmp_path, 0, 1, lambda *_: None)
+    settled, *_ = train.load_data(args, tmp_path, 0, 1, CPU, lambda *_: None)
     assert settled.model == "resnet18"  # smallnet, the default for 32 px, has no pretrained weights
 
 
