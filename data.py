@@ -208,6 +208,18 @@ def select_classes(found, wanted=None, ignore=(), where="the data"):
     return wanted
 
 
+def warn_of_alike_classes(classes, where, log):
+    """The classes, with a warning for names that differ only in case ("Cat", "cat"): likely one class, labelled two
+    ways, which the model would be asked to tell apart."""
+    groups = collections.defaultdict(list)
+    for name in classes:
+        groups[name.casefold()].append(name)
+    for names in (names for names in groups.values() if len(names) > 1):
+        log(f"warning: class names that differ only in case: {', '.join(names)} (in {where}); if they are one "
+            "class, give its images one name")
+    return classes
+
+
 def read_utf8(path):
     """A text file's contents, or an error naming it if it is not UTF-8."""
     try:  # utf-8-sig: a byte-order mark, as spreadsheets and Notepad write, is no part of the first name
@@ -236,7 +248,7 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
         raise SystemExit(no_train_folder(data_root))
     if not find_classes(train_dir):
         raise SystemExit(f"error: {train_dir} has no class folders; expected {train_dir}/<class>/<image>")
-    classes = select_classes(find_classes(train_dir), wanted, ignore, train_dir)
+    classes = warn_of_alike_classes(select_classes(find_classes(train_dir), wanted, ignore, train_dir), train_dir, log)
     train = scan_training_images(list_images(train_dir, classes, log), classes, train_dir, strict, log)
 
     val_dir = find_val_dir(data_root)
@@ -409,7 +421,7 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
     found = sorted({label for _, labels in train_rows for label in labels})
     if found and all(label.isdigit() for label in found):  # ids that name themselves: every id up to the largest
         found = [str(i) for i in range(max(map(int, found)) + 1)]
-    classes = select_classes(found, wanted, ignore, train_csv)
+    classes = warn_of_alike_classes(select_classes(found, wanted, ignore, train_csv), train_csv, log)
     train_rows = drop_ignored(train_rows, train_csv, ignore, multilabel, log)
     train = index_labels(train_rows, classes, train_csv, multilabel)
     train = scan_training_images(train, classes, train_csv, strict, log)

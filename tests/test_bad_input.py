@@ -114,6 +114,17 @@ def test_many_unusable_files_are_counted_and_none_usable_is_an_error(tmp_path):
     assert messages[-1].startswith("warning: skipping 25 unusable")
 
 
+def test_class_names_that_differ_only_in_case_are_a_warning(tmp_path):
+    """'Cat' and 'cat' in a hand-made CSV (or two such folders) are two classes: likely one, labelled two ways."""
+    write_image_folder(tmp_path, classes=("Cat", "cat", "dog"), n_train=2, splits=("train",))
+    rows = [f"{path.relative_to(tmp_path)},{path.parent.name}\n" for path in sorted(tmp_path.glob("train/*/*"))]
+    (tmp_path / "labels.csv").write_text("image,label\n" + "".join(rows))
+    for load in (data.load_samples, data.load_csv_samples):
+        messages = []
+        load(tmp_path if load is data.load_samples else tmp_path / "labels.csv", log=messages.append)
+        assert sum("warning: class names that differ only in case: Cat, cat (" in m for m in messages) == 1, messages
+
+
 def test_a_dataset_folder_in_another_layout_says_how_to_give_it(tmp_path):
     """Keras' and ImageFolder's layout, DATA/<class>/, and --data naming the train/ folder of a dataset."""
     write_image_folder(tmp_path / "x", splits=("train",)).joinpath("train").rename(tmp_path / "flowers")
