@@ -103,9 +103,9 @@ def scan_images(samples, strict=False, log=print, parallel_from=10_000, listed=2
     for share in all_gather({path: why for path, why in zip(mine, whys) if why}):
         found.update(share)
     bad = [(path, found[path]) for path in paths if path in found]
-    listing = "\n".join(f"  {path}: {why}" for path, why in bad[:listed]) + (
-        f"\n  ... and {len(bad) - listed} more" if len(bad) > listed else "")
     if bad:
+        listing = "\n".join(f"  {path}: {why}" for path, why in bad[:listed]) + (
+            f"\n  ... and {len(bad) - listed} more" if len(bad) > listed else "")
         if strict:
             raise SystemExit(f"error: {len(bad)} unusable image file(s) (--strict stops on them):\n{listing}")
         log(f"warning: skipping {len(bad)} unusable image file(s) (--strict makes this an error):\n{listing}")
