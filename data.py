@@ -268,11 +268,21 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
     return classes, train, val
 
 
+def image_class_folders(folder):
+    """The class folders of `folder` that hold images: it is in the DATA/<class>/ layout of Keras and ImageFolder."""
+    return [name for name in find_classes(folder) if any(is_image_file(e.name) for e in os.scandir(folder / name))]
+
+
+def is_split_folder(folder):
+    """Whether `folder` is the train/, val/ or test/ folder of a dataset, which --data should name instead."""
+    return folder.name in ("train", "val", "test") and (folder.parent / "train").is_dir()
+
+
 def no_train_folder(folder):
     """The error for a dataset folder without train/, with what to do if it holds class folders of images: it is
     the split folder of a dataset that --data named, or in the DATA/<class>/ layout of Keras and ImageFolder."""
-    classes = [name for name in find_classes(folder) if any(is_image_file(e.name) for e in os.scandir(folder / name))]
-    if classes and folder.name in ("train", "val", "test") and (folder.parent / "train").is_dir():
+    classes = image_class_folders(folder)
+    if classes and is_split_folder(folder):
         return f"error: {folder} is the {folder.name}/ folder of a dataset: give --data {folder.parent}"
     if classes:
         names = ", ".join(classes[:3]) + ", ..." * (len(classes) > 3)
@@ -444,26 +454,36 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
 
 
 def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=False, ignore=()):
-    """Samples of one split, indexed by a trained model's `classes`, found by the rules of training."""
-    if split == "test":
-        test_dir = Path(data_root) / "test"
-        if not test_dir.is_dir():
-            raise SystemExit(f"error: {data_root} has no test/ folder")
-        return scan_images(check_val_classes(test_dir, classes, log, ignore), strict, log)
-    train_dir = Path(data_root) / "train"
-    if not train_dir.is_dir():
-        raise SystemExit(no_train_folder(Path(data_root)))
-    found = find_classes(train_dir)
-    ignored_here = [c for c in ignore if c in found]  # the run's --ignore-classes: this data may lack some
-    data_classes = select_classes(found, None, ignored_here)
-    if sorted(data_classes) != sorted(classes):
-        raise SystemExit(f"error: the classes of {train_dir} ({', '.join(data_classes)}) are not the "
-                         f"checkpoint's ({', '.join(classes)}); evaluate on the data the model was trained for")
-    val_dir = find_val_dir(data_root)
-    if split == "val" and val_dir is not None:
-        return scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
+    """Samples of one split, indexed by a trained model's `classes`, found by the rules of training; a held-out
+    set may also come alone: DATA/val/<class>/ without train/, or DATA/<class>/ itself."""
+    root, train_dir = Path(data_root), Path(data_root) / "train"
+    held_out = None if split == "train" else held_out_folder(root, split)
+    ignored_here = []
+    if train_dir.is_dir():
+        found = find_classes(train_dir)
+        ignored_here = [c for c in ignore if c in found]  # the run's --ignore-classes: this data may lack some
+        data_classes = select_classes(found, None, ignored_here)
+        if sorted(data_classes) != sorted(classes):
+            raise SystemExit(f"error: the classes of {train_dir} ({', '.join(data_classes)}) are not the "
+                             f"checkpoint's ({', '.join(classes)}); evaluate on the data the model was trained for")
+    elif held_out is None:
+        raise SystemExit(no_train_folder(root))
+    if held_out is not None:
+        return scan_images(check_val_classes(held_out, classes, log, ignore), strict, log)
     _, train, val = load_samples(data_root, val_fraction, seed, log, strict, wanted=list(classes), ignore=ignored_here)
     return train if split == "train" else val
+
+
+def held_out_folder(root, split):
+    """The folder of the val or test split's class folders, or None where val is carved out of train/."""
+    named = root / "test" if split == "test" else find_val_dir(root)
+    if named is not None and named.is_dir():
+        return named
+    if not (root / "train").is_dir() and not is_split_folder(root) and image_class_folders(root):
+        return root  # the held-out set alone, in ImageFolder's layout
+    if split == "test":
+        raise SystemExit(f"error: {root} has no test/ folder")
+    return None
 
 
 def image_sizes(paths, max_samples=256):

@@ -3,6 +3,7 @@
     python evaluate.py --ckpt runs/exp/best.pt --data DATA              # DATA/val (same rules as training)
     python evaluate.py --ckpt runs/exp/best.pt --data DATA --split test --json metrics.json
     python evaluate.py --ckpt runs/exp/best.pt --data DATA --tta       # test-time augmentation: flips and shifts
+    python evaluate.py --ckpt runs/exp/best.pt --data held_out/        # held_out/<class>/*.jpg, no train/
     torchrun --nproc_per_node 2 evaluate.py --ckpt runs/exp/best.pt --data DATA
 
 `evaluate()` is also what train.py calls after every epoch. Each process evaluates its own shard
@@ -163,7 +164,7 @@ def write_csv(metrics, classes, path):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
-    p.add_argument("--data", help="dataset folder with train/ and val/ or test/")
+    p.add_argument("--data", help="dataset folder: train/ and val/ or test/, or a held-out set alone")
     p.add_argument("--val-csv", help="instead of --data: a CSV of images and labels (the training run's columns)")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     p.add_argument("-b", "--batch-size", type=int, help="per process (default: the training batch size)")
@@ -206,7 +207,7 @@ def main(argv=None):
     else:
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)
-        carved = args.split == "val" and data.find_val_dir(args.data) is None
+        carved = args.split == "val" and data.find_val_dir(args.data) is None and Path(args.data, "train").is_dir()
         if carved and checkpoint.get("files", {}).get("val") not in (None, data.files_digest(samples)):  # None: older
             log(f"warning: the val split carved from {args.data}/train is not the run's (files were added, removed "
                 "or renamed since): it may hold images the model trained on")

@@ -187,6 +187,26 @@ def test_evaluate_warns_when_the_split_carved_from_train_is_not_the_runs(tmp_pat
     assert "warning: the val split carved from " in capsys.readouterr().out
 
 
+def test_evaluate_takes_a_test_set_without_train_folder(trained_run, image_folder, tmp_path, capsys):
+    """A held-out set kept on its own: DATA/val/<class>/ alone, or bare class folders (ImageFolder's layout, as timm's
+    validate.py takes it) are evaluated as they are; the training images of a dataset are never taken for a test set."""
+    import evaluate
+    flags = ["--ckpt", str(trained_run[0] / "best.pt"), "--workers", "0"]
+    full = evaluate.main([*flags, "--data", str(image_folder)])
+    shutil.copytree(image_folder / "val", tmp_path / "only_val" / "val")
+    shutil.copytree(image_folder / "val", tmp_path / "bare")
+    for where, split in ((tmp_path / "only_val", "val"), (tmp_path / "bare", "val"), (tmp_path / "bare", "test")):
+        metrics = evaluate.main([*flags, "--data", str(where), "--split", split])
+        assert (metrics["count"], metrics["confusion"]) == (full["count"], full["confusion"]), where
+    next((tmp_path / "bare" / "circle").iterdir()).unlink()  # another set than the run's val: no split to warn of
+    assert evaluate.main([*flags, "--data", str(tmp_path / "bare")])["count"] == full["count"] - 1
+    assert "warning" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give --data"):  # DATA/train named: its images are not a test set
+        evaluate.main([*flags, "--data", str(image_folder / "train")])
+    with pytest.raises(SystemExit, match="no train/ folder"):
+        evaluate.main([*flags, "--data", str(tmp_path / "bare"), "--split", "train"])
+
+
 def test_evaluate_on_a_split_without_usable_images_is_an_error(trained_run, tmp_path):
     import evaluate
     run_dir, _ = trained_run
