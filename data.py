@@ -1,7 +1,8 @@
 """Files to batches: folder layouts, image decoding, the decode-once cache, augmentation and loaders.
 
     DATA/train/<class>/*.jpg     training images, one folder per class
-    DATA/val/<class>/*.jpg       validation images (or DATA/test/, or a split carved from train)
+    DATA/val/<class>/*.jpg       validation images (or DATA/valid/, DATA/validation/, DATA/test/, or a split
+                                 carved from train)
 
 Two stages, each written once. Reading gives every split's images stored one way (upright RGB uint8 of one size),
 from either source: decoded per image in loader processes, or from a memory-mapped cache decoded once (--cache).
@@ -254,11 +255,12 @@ def load_samples(data_root, val_fraction=0.1, seed=0, log=print, strict=False, w
     val_dir = find_val_dir(data_root)
     if val_dir is None:
         train, val = stratified_split(train, val_fraction, seed)
-        log(f"data: no val/ or test/ folder in {data_root}: holding out {val_fraction:.0%} of each class "
-            f"of train/ for validation ({len(val)} images, --val-fraction)")
+        log(f"data: no val/, valid/, validation/ or test/ folder in {data_root}: holding out {val_fraction:.0%} of "
+            f"each class of train/ for validation ({len(val)} images, --val-fraction)")
     else:
-        if val_dir.name == "test":
-            log(f"data: no val/ folder in {data_root}: validating on {val_dir}")
+        if val_dir.name != "val":
+            chosen = " (best.pt is chosen on it: not a held-out figure)" if val_dir.name == "test" else ""
+            log(f"data: no val/ folder in {data_root}: validating on {val_dir}{chosen}")
         val = scan_images(check_val_classes(val_dir, classes, log, ignore), strict, log)
     if not val:  # 0% every epoch, and the first epoch kept as best
         fix = (f"add images to {val_dir}/<class>/, or remove {val_dir} to hold out --val-fraction of train/"
@@ -274,8 +276,9 @@ def image_class_folders(folder):
 
 
 def is_split_folder(folder):
-    """Whether `folder` is the train/, val/ or test/ folder of a dataset, which --data should name instead."""
-    return folder.name in ("train", "val", "test") and (folder.parent / "train").is_dir()
+    """Whether `folder` is the train/, val/ (valid/, ...) or test/ folder of a dataset, which --data should name
+    instead."""
+    return folder.name in ("train", *VAL_FOLDERS) and (folder.parent / "train").is_dir()
 
 
 def no_train_folder(folder):
@@ -300,9 +303,13 @@ def files_digest(samples):
     return hashlib.sha1(b"\n".join(os.fsencode(os.path.relpath(path, common)) for path in paths)).hexdigest()[:16]
 
 
+VAL_FOLDERS = ("val", "valid", "validation", "test")  # the folder names of the val split, first found first
+
+
 def find_val_dir(data_root):
-    """DATA/val, else DATA/test, else None (validation is then carved out of train/)."""
-    return next((Path(data_root) / s for s in ("val", "test") if (Path(data_root) / s).is_dir()), None)
+    """DATA/val (or DATA/valid, Kaggle's and Roboflow's, or Keras' DATA/validation), else DATA/test, else None
+    (validation is then carved out of train/)."""
+    return next((Path(data_root) / s for s in VAL_FOLDERS if (Path(data_root) / s).is_dir()), None)
 
 
 def scan_training_images(listed, classes, where, strict, log):

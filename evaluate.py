@@ -164,7 +164,7 @@ def write_csv(metrics, classes, path):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
-    p.add_argument("--data", help="dataset folder: train/ and val/ or test/, or a held-out set alone")
+    p.add_argument("--data", help="dataset folder: train/ and val/ (valid/) or test/, or a held-out set alone")
     p.add_argument("--val-csv", help="instead of --data: a CSV of images and labels (the training run's columns)")
     p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
     p.add_argument("-b", "--batch-size", type=int, help="per process (default: the training batch size)")

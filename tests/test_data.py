@@ -153,6 +153,22 @@ def test_test_folder_replaces_missing_val(tmp_path):
     assert any("test" in m for m in messages)
 
 
+def test_valid_or_validation_folder_is_the_val_split_not_test(tmp_path):
+    """Kaggle's and Roboflow's layout, train/ valid/ test/ (Keras' validation/): the val split is valid/; test/
+    stays held out, for evaluate.py --split test."""
+    classes = ["circle", "square", "triangle"]
+    for name in ("valid", "validation"):
+        root = write_image_folder(tmp_path / name, n_train=2, n_val=3, splits=("train", name))
+        write_image_folder(root, n_val=1, splits=("test",))
+        messages = []
+        _, _, val = data.load_samples(root, log=messages.append)
+        assert len(val) == 9 and all(f"/{name}/" in p for p, _ in val)
+        assert any(f"validating on {root / name}" in m for m in messages)
+        assert data.split_samples(root, "val", classes) == val and len(data.split_samples(root, "test", classes)) == 3
+        with pytest.raises(SystemExit, match=f"is the {name}/ folder of a dataset: give --data"):
+            data.split_samples(root / name, "val", classes)
+
+
 def test_val_split_is_stratified_and_deterministic(tmp_path):
     root = write_image_folder(tmp_path / "ds", n_train=20, splits=("train",))
     messages = []
