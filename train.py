@@ -183,9 +183,13 @@ def parse_args(argv=None):
     return args
 
 
+DATA_FLAGS = ("data", "train_csv", "val_csv")  # where the data is: a resume may find it elsewhere
+
+
 def resume_args(args):
-    """A resumed run takes its arguments from the checkpoint; only how it runs (--workers, --device, --cache) may
-    change. A flag given with another value than the run's is an error, not silently ignored."""
+    """A resumed run takes its arguments from the checkpoint; only how it runs (--workers, --device, --cache) and
+    where its data is (check_same_data then compares the files) may change. A flag given with another value than
+    the run's is an error, not silently ignored."""
     checkpoint = utils.load_checkpoint(args.resume)
     check_is_newest(checkpoint, args.resume)
     defaults = vars(get_args_parser().parse_args([]))
@@ -195,14 +199,20 @@ def resume_args(args):
     if removed:  # the run would go on without them: not the run it was
         raise SystemExit(f"error: {args.resume} was trained with {', '.join(removed)}, which this train.py no longer "
                          "has: resume it with the code it was started with")
-    saved.update(resume=args.resume, workers=args.workers, device=args.device,
+    moved = {name: getattr(args, name) for name in DATA_FLAGS if getattr(args, name) and saved[name]}
+    saved.update(moved, resume=args.resume, workers=args.workers, device=args.device,
                  cache=saved["cache"] if args.cache is None else args.cache, output_dir=str(Path(args.resume).parent))
     changed = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}") + f" (the run's: {saved[name]})"
                for name, value in vars(args).items() if value != defaults[name] and not same(value, saved[name])]
     if changed:
         raise SystemExit(f"error: --resume continues a run with the arguments it was started with, and these differ "
-                         f"from the run's: {', '.join(changed)}. Only --workers, --device and --cache may change; to "
-                         f"train on with other settings, start a new run with --weights {args.resume}")
+                         f"from the run's: {', '.join(changed)}. Only --workers, --device, --cache and where the "
+                         f"data is may change; to train on with other settings, start a new run with --weights "
+                         f"{args.resume}")
+    for flag, path in ((f"--{name.replace('_', '-')}", saved[name]) for name in DATA_FLAGS if saved[name]):
+        if not Path(path).exists():  # a job requeued on a node with its own copy of the data
+            raise SystemExit(f"error: the run's {flag} {path} does not exist: if the data moved, give its new place "
+                             f"with {flag} (its files must be the run's)")
     return argparse.Namespace(**saved), checkpoint
 
 

@@ -151,6 +151,23 @@ def test_resume_on_a_copy_of_the_data_elsewhere(trained_run, image_folder, tmp_p
     assert f"warning: no best.pt in {tmp_path}" in capsys.readouterr().out
 
 
+def test_resume_on_data_moved_elsewhere_takes_its_new_place(trained_run, image_folder, tmp_path):
+    """A cluster job requeued on another node, its data copied to that node's scratch folder: --data gives the new
+    place, whose files must be the run's; the old place gone is an error that says to give it."""
+    last, data_now = stopped_run_on_a_copy(trained_run, image_folder, tmp_path)
+    moved = data_now.rename(tmp_path / "moved")
+    with pytest.raises(SystemExit, match=re.escape(f"the run's --data {data_now} does not exist: if the data moved")):
+        train.main(["--resume", str(last), "--workers", "0"])
+    remove_a_val_image(shutil.copytree(moved, tmp_path / "other"))
+    with pytest.raises(SystemExit, match="the validation images are not the run's"):
+        train.main(["--resume", str(last), "--data", str(tmp_path / "other"), "--workers", "0"])
+    with pytest.raises(SystemExit, match="--train-csv"):  # the run read a folder: a CSV would be another run
+        train.main(["--resume", str(last), "--train-csv", str(moved / "x.csv"), "--workers", "0"])
+    assert train.main(["--resume", str(last), "--data", str(moved), "--workers", "0"]) is None
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["args"]["data"] == str(moved)
+
+
 @pytest.mark.parametrize("change, error", [
     (rename_a_class, r"the classes of the data \(arrow, circle, square\) are not the run's \(circle, square, tri"),
     (add_a_training_image, r"the training images are not the run's: files were added, removed"),
