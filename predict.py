@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,28 +41,22 @@ def expand_inputs(inputs):
 
 
 @torch.inference_mode()
-def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=None):
-    """[(path, [(class index, probability)] best first)]: the top-k classes, or with a threshold (multilabel
-    models) every class whose probability reaches it."""
-    transform = data.eval_transform(preprocess)
+def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=None, amp="off", workers=0):
+    """[(path, [(class index, probability)] best first)] of the images that decode: the top-k classes, or with a
+    threshold (multilabel models) every class whose probability reaches it. Images are read as evaluate.py reads
+    them (data.eval_batches), in `workers` loader processes; a sample's target is its index in `paths`."""
+    warn = partial(print, file=sys.stderr, flush=True)  # stdout is the results' (--json)
+    samples = data.scan_images([(path, i) for i, path in enumerate(paths)], log=warn)
     normalize = data.make_normalize(preprocess, device)
     dtype = next(model.parameters()).dtype  # float16 for an `export.py --half` file
     results = []
-    for start in range(0, len(paths), batch_size):
-        batch_paths, images = [], []
-        for path in paths[start:start + batch_size]:
-            try:
-                images.append(transform(path))
-                batch_paths.append(path)
-            except data.UnreadableImage as e:
-                print(f"warning: skipping {e}", file=sys.stderr, flush=True)
-        if not images:
-            continue
-        images = torch.stack(images).to(device)
-        logits = model(normalize(images).to(dtype)).float()
+    for images, indices in data.eval_batches(samples, preprocess, batch_size, device, workers):
+        with utils.autocast(device, amp):
+            logits = model(normalize(images).to(dtype)).float()
+        batch_paths = [paths[i] for i in indices.tolist()]
         if threshold is None:
-            probs, indices = logits.softmax(1).topk(min(topk, logits.shape[1]), dim=1)
-            results += [(path, list(zip(i, p))) for path, p, i in zip(batch_paths, probs.tolist(), indices.tolist())]
+            probs, classes = logits.softmax(1).topk(min(topk, logits.shape[1]), dim=1)
+            results += [(path, list(zip(c, p))) for path, p, c in zip(batch_paths, probs.tolist(), classes.tolist())]
             continue
         for path, p in zip(batch_paths, logits.sigmoid().tolist()):
             results.append((path, sorted(((i, q) for i, q in enumerate(p) if q >= threshold), key=lambda x: -x[1])))
@@ -69,7 +64,8 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
 
 
 def load_for_prediction(path, device):
-    """(model, classes, preprocess, multilabel) of a checkpoint, or of an export.py file (the JSON beside it)."""
+    """(model, classes, preprocess, multilabel, amp) of a checkpoint, or of an export.py file (the JSON beside it);
+    amp: the autocast of evaluate.py (the run's where `device` computes it fast; an export runs as exported)."""
     meta_path = export.meta_path(path)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -77,10 +73,11 @@ def load_for_prediction(path, device):
             raise SystemExit(f"error: {path} is an {meta['format']} export: predict.py runs checkpoints and "
                              "TorchScript exports (python export.py --ckpt CKPT); run ONNX files with onnxruntime")
         model = export.load_torchscript(path, device)
-        return model, meta["classes"], meta["preprocess"], meta.get("multilabel", False)
+        return model, meta["classes"], meta["preprocess"], meta.get("multilabel", False), "off"
     checkpoint = utils.load_checkpoint(path)
-    return model_from_checkpoint(checkpoint, path).to(device), checkpoint["classes"], checkpoint["preprocess"], \
-        checkpoint["args"].get("task", "single") == "multilabel"
+    run = checkpoint["args"]
+    return (model_from_checkpoint(checkpoint, path).to(device), checkpoint["classes"], checkpoint["preprocess"],
+            run.get("task", "single") == "multilabel", utils.fast_amp(run["amp"], device))
 
 
 def get_args_parser():
@@ -91,7 +88,10 @@ def get_args_parser():
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multilabel: every class with at least this probability (default: 0.5)")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("-j", "--workers", type=int, help="loader processes (default: as train.py)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
+    p.add_argument("--amp", choices=list(utils.AMP_DTYPES),
+                   help="autocast dtype (default: evaluate.py's, the run's where this device computes it fast)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -99,12 +99,15 @@ def get_args_parser():
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    utils.check_ranges(parser, args, {"topk": "[1, inf)", "batch_size": "[1, inf)", "threshold": "[0, 1]"})
+    utils.check_ranges(parser, args, {"topk": "[1, inf)", "batch_size": "[1, inf)", "threshold": "[0, 1]",
+                                      "workers": "[0, inf)"})
     paths = expand_inputs(args.inputs)
     device = utils.get_device(args.device)
-    model, classes, preprocess, multilabel = load_for_prediction(args.ckpt, device)
+    model, classes, preprocess, multilabel, amp = load_for_prediction(args.ckpt, device)
     threshold = args.threshold if multilabel else None
-    results = predict(model, paths, preprocess, device, args.batch_size, args.topk, threshold)
+    workers = data.default_workers(device) if args.workers is None else args.workers
+    results = predict(model, paths, preprocess, device, args.batch_size, args.topk, threshold, args.amp or amp,
+                      workers)
     if not results:
         raise SystemExit("error: none of the inputs could be read as an image")
     if args.json:
