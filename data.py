@@ -86,9 +86,9 @@ def check_image(path):
     return "zero-sized image" if width * height == 0 else None
 
 
-def scan_images(samples, strict=False, log=print, parallel_from=10_000, listed=20):
+def scan_images(samples, strict=None, log=print, parallel_from=10_000, listed=20):
     """Drops the files that check_image refuses, naming the first `listed` and counting them, or stops on them
-    with strict. Under torchrun each process checks its share of the files; a share of `parallel_from` files or
+    with strict (None: the script has no --strict to name). Under torchrun each process checks its share of the files; a share of `parallel_from` files or
     more is checked by a process per core (at most 16)."""
     paths = [path for path, _ in samples]
     mine = paths[get_rank()::get_world_size()]  # every process checking every file: 8 GPUs, 8 times the reads
@@ -109,7 +109,8 @@ def scan_images(samples, strict=False, log=print, parallel_from=10_000, listed=2
             f"\n  ... and {len(bad) - listed} more" if len(bad) > listed else "")
         if strict:
             raise SystemExit(f"error: {len(bad)} unusable image file(s) (--strict stops on them):\n{listing}")
-        log(f"warning: skipping {len(bad)} unusable image file(s) (--strict makes this an error):\n{listing}")
+        hint = "" if strict is None else " (--strict makes this an error)"
+        log(f"warning: skipping {len(bad)} unusable image file(s){hint}:\n{listing}")
     return [sample for sample in samples if sample[0] not in found]
 
 
@@ -460,7 +461,7 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
     return classes, train, val
 
 
-def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=False, ignore=()):
+def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=None, ignore=()):
     """Samples of one split, indexed by a trained model's `classes`, found by the rules of training; a held-out
     set may also come alone: DATA/val/<class>/ without train/, or DATA/<class>/ itself."""
     root, train_dir = Path(data_root), Path(data_root) / "train"
