@@ -88,8 +88,8 @@ def check_image(path):
 
 def scan_images(samples, strict=None, log=print, parallel_from=10_000, listed=20):
     """Drops the files that check_image refuses, naming the first `listed` and counting them, or stops on them
-    with strict (None: the script has no --strict to name). Under torchrun each process checks its share of the files; a share of `parallel_from` files or
-    more is checked by a process per core (at most 16)."""
+    with strict (None: the script has no --strict to name). Under torchrun each process checks its share of the
+    files; a share of `parallel_from` files or more is checked by a process per core (at most 16)."""
     paths = [path for path, _ in samples]
     mine = paths[get_rank()::get_world_size()]  # every process checking every file: 8 GPUs, 8 times the reads
     # opening a header is as much Python work as a disk read: threads, held back by the GIL, gain nothing;

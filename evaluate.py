@@ -50,7 +50,7 @@ def batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
 @torch.inference_mode()
 def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5, tta=False):
     """Metrics over the whole (sharded) loader, summed over processes, as plain numbers. tta: see tta_logits."""
-    ks = sorted({1, min(topk, num_classes)})  # top-5 of a 2-class problem is meaningless (and would crash)
+    ks = [1, topk] if 1 < topk < num_classes else [1]  # top-2 of 2 classes is 100% whatever the model: not shown
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
@@ -65,12 +65,14 @@ def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels
     loss_sum, correct, confusion = loss_sum.item(), correct.tolist(), confusion.cpu()
     count = int(confusion.sum())
     per_class_count = confusion.sum(1)
-    top1, topk = 100 * correct[0] / max(count, 1), 100 * correct[-1] / max(count, 1)
-    return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": ks[-1], "topk": topk,
+    top1 = 100 * correct[0] / max(count, 1)
+    topk = 100 * correct[-1] / max(count, 1) if len(ks) > 1 else None
+    return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": ks[-1] if topk else None,
+            "topk": topk,
             "per_class_count": per_class_count.tolist(), "confusion": confusion.tolist(),
             "per_class_top1": percentages(confusion.diag(), per_class_count),
             # what train.py selects best.pt by, logs and writes to results.csv
-            "score": top1, "summary": f"top-1 {top1:.2f}% top-{ks[-1]} {topk:.2f}%",
+            "score": top1, "summary": f"top-1 {top1:.2f}%" + (f" top-{ks[-1]} {topk:.2f}%" if topk else ""),
             "columns": {"val_top1": top1, "val_top5": topk}}
 
 
@@ -172,7 +174,7 @@ def get_args_parser():
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--amp", choices=list(utils.AMP_DTYPES),
                    help="autocast dtype (default: the training run's where this device computes it fast)")
-    p.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, at most the classes (default: 5)")
+    p.add_argument("--topk", type=int, default=5, help="k of top-k accuracy, shown below the classes (default: 5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: flips (and shifts up to 64 px)")
     p.add_argument("--plot", help="also draw the normalised confusion matrix into this PNG file")
     p.add_argument("--json", help="also write all metrics to this JSON file")

@@ -193,7 +193,7 @@ def test_evaluate_agrees_with_training(trained_run, image_folder, tmp_path):
     assert metrics["count"] == 18
     assert metrics["top1"] == pytest.approx(best["metrics"]["top1"], abs=1e-6)
     assert metrics["loss"] == pytest.approx(best["metrics"]["loss"], rel=1e-4)
-    assert sum(map(sum, metrics["confusion"])) == 18 and metrics["k"] == 3  # top-5 capped at 3 classes
+    assert sum(map(sum, metrics["confusion"])) == 18 and metrics["k"] is None  # top-5 of 3 classes: 100%
     assert "per-class top-1" in result.stdout and "confusion matrix" in result.stdout and "triangle" in result.stdout
     rows = list(csv.reader(open(tmp_path / "new2" / "m.csv")))
     assert rows[0][:3] == ["class", "images", "top1"] and len(rows) == 4
@@ -625,12 +625,15 @@ def test_grayscale_digits_train_with_every_default(tmp_path):
     assert float(rows[-1]["val_top1"]) >= 95 and float(rows[-1]["val_loss"]) < 1, rows
 
 
-def test_two_class_dataset_reports_top2(tmp_path):
+def test_a_top_k_of_every_class_is_not_reported(tmp_path):
+    """Top-2 of 2 classes (top-5 of 5) is 100% whatever the model: a figure with nothing in it is not shown."""
     root = write_image_folder(tmp_path / "ds", classes=("circle", "ring"), n_train=8, n_val=3)
-    run_script("train.py", "--data", root, "--epochs", 1, *TINY, "--output-dir", tmp_path / "run")
+    trained = run_script("train.py", "--data", root, "--epochs", 1, *TINY, "--output-dir", tmp_path / "run")
     result = run_script("evaluate.py", "--ckpt", tmp_path / "run" / "best.pt", "--data", root, "--workers", 0)
-    assert "top-2" in result.stdout
-    assert read_results(tmp_path / "run")[0]["val_top5"] == "100"
+    assert "top-1" in result.stdout and "top-2" not in result.stdout + trained.stdout
+    assert read_results(tmp_path / "run")[0]["val_top5"] == ""
+    top1_only = run_script("evaluate.py", "--ckpt", tmp_path / "run" / "best.pt", "--data", root, "--topk", 1)
+    assert next(line for line in top1_only.stdout.splitlines() if line.startswith("images ")).count("top-") == 1
 
 
 @pytest.mark.parametrize("flags,message", [
