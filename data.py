@@ -570,11 +570,6 @@ def read_image(path, side, resize=None):
     return store_image(load_image(path, least=2 * (resize or side)), side, resize)
 
 
-def eval_transform(preprocess):
-    """Image file -> uint8 [3, H, W] as evaluated: `preprocess` is the dict stored in every checkpoint."""
-    return lambda path: read_image(path, preprocess["img_size"], preprocess["resize_size"])[0].permute(2, 0, 1)
-
-
 class DecodedImages(Dataset):
     """Stored images decoded from the files when asked for. An item is (image, aspect, why): why is "" or the
     reason the file did not decode (a truncated file passes the header scan), with a blank image."""

@@ -28,6 +28,11 @@ def write_image_folder(root, classes=("circle", "square", "triangle"), n_train=1
     return Path(root)
 
 
+def eval_transform(preprocess):
+    """Image file -> uint8 [3, H, W] as evaluate.py reads it: `preprocess` is the dict stored in every checkpoint."""
+    return lambda path: data.read_image(path, preprocess["img_size"], preprocess["resize_size"])[0].permute(2, 0, 1)
+
+
 def write_photo_folder(root, n_train=244, n_val=153, seed=0):
     """root/{train,val}/<class>/*.jpg: photo-like images of mixed sizes (80-139 x 60-104 px): a smooth colour
     background, a blurred red disc or blue square, sensor noise."""

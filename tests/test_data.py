@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import write_image_folder
+from conftest import eval_transform, write_image_folder
 
 
 # -- decoding -------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_augmentation_gives_uint8_crops_and_eval_the_center(image_folder):
         out = augment(crop, "ta_wide", 1.0)(images, aspects, rows.numpy(), 0)
         assert out.dtype == torch.uint8 and out.shape == (3, 3, 32, 32)
     preprocess = data.eval_preprocess(32)
-    out = data.eval_transform(preprocess)(train[0][0])
+    out = eval_transform(preprocess)(train[0][0])
     assert out.shape == (3, 32, 32) and preprocess["resize_size"] == 32
     assert data.eval_preprocess(224)["resize_size"] == 256
     x = data.make_normalize(preprocess, CPU)(out[None])

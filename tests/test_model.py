@@ -5,6 +5,7 @@ import torchvision
 
 import data
 import model as model_lib
+from conftest import eval_transform
 
 
 @pytest.mark.parametrize("name", ["smallnet", "smallnet_tiny", "resnet18", "mobilenet_v3_small", "squeezenet1_0",
@@ -99,7 +100,7 @@ def test_training_starts_from_a_stem_whitened_on_its_images(trained_run, image_f
     assert "stem's filters whiten the 2x2 patches of 48 training images" in result.stdout
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True, map_location="cpu")
     preprocess = checkpoint["preprocess"]
-    transform = data.eval_transform(preprocess)
+    transform = eval_transform(preprocess)
     images = torch.stack([transform(p) for p in sorted((image_folder / "train").rglob("*.*"))])
     normalized = data.make_normalize(preprocess, torch.device("cpu"))(images)
     out = torch.nn.functional.conv2d(normalized, checkpoint["model"]["stem.0.weight"].float())

@@ -21,7 +21,7 @@ from PIL import Image
 import data
 import train
 import utils
-from conftest import ROOT, run_script, truncated_jpeg, write_image_folder
+from conftest import ROOT, eval_transform, run_script, truncated_jpeg, write_image_folder
 from model import build_model
 
 TINY = ["--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
@@ -340,7 +340,7 @@ def assert_shows_augmented_images(path, image_folder, count):
         assert grid.size == (96 * min(count, 8), -(-count // 8) * (96 + 30))
         tiles = [np.asarray(grid.crop((96 * i, 0, 96 * i + 96, 96)).resize((32, 32), Image.Resampling.NEAREST))
                  for i in range(min(count, 8))]
-    transform = data.eval_transform(data.eval_preprocess(32))  # resized and center-cropped: not augmented
+    transform = eval_transform(data.eval_preprocess(32))  # resized and center-cropped: not augmented
     plain = [transform(p).permute(1, 2, 0).numpy() for p in (image_folder / "train").rglob("*.*g")]
     for tile in tiles:
         assert tile.std() > 10  # a picture, not a blank
@@ -855,7 +855,7 @@ def test_evaluate_with_test_time_augmentation(trained_run, image_folder):
                              "--workers", "0"])
     import data
     paths = sorted((image_folder / "val").rglob("*.*g"))
-    transform, normalize = data.eval_transform(checkpoint["preprocess"]), data.make_normalize(checkpoint["preprocess"],
+    transform, normalize = eval_transform(checkpoint["preprocess"]), data.make_normalize(checkpoint["preprocess"],
                                                                                             torch.device("cpu"))
     images = normalize(torch.stack([transform(p) for p in paths]))
     targets = torch.tensor([checkpoint["classes"].index(p.parent.name) for p in paths])
