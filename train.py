@@ -77,6 +77,7 @@ MAX_BAD_STEPS = 20  # consecutive steps with a non-finite loss after which a run
 WHITEN_IMAGES = 1000  # images whose patch statistics set a whitening stem (smallnet): ~1M patches, a second
 PRECISE_BN_IMAGES = 1024  # training images that set BatchNorm statistics before each evaluation: a forward pass
 CHECK_EVERY = 10  # steps between reads of the stop and divergence flags (a sync point; an all-reduce with DDP)
+PROGRESS_LOG_SECONDS = 60  # where stdout is no terminal (a cluster job's log file): seconds between progress lines
 
 
 def get_args_parser():
@@ -770,8 +771,9 @@ def exit_for_resume(where, output_dir, log):
 
 
 class Progress:
-    """One live line per epoch, redrawn in place about once a second on a terminal; its final state is logged."""
-    # each redraw reads the loss from the device: a sync point, once a second
+    """One live line per epoch, redrawn in place about once a second on a terminal (else logged every
+    PROGRESS_LOG_SECONDS); its final state is logged."""
+    # each line reads the loss from the device: a sync point, once a second at most
 
     def __init__(self, epoch, epochs, steps, first_step, log):
         self.head, self.steps, self.first_step, self.log = f"epoch {epoch + 1}/{epochs}", steps, first_step, log
@@ -794,10 +796,14 @@ class Progress:
                 f"{speed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
                 f"eta {timedelta(seconds=round(eta))}")
 
-    def update(self, *state):
-        if self.live and time.perf_counter() - self.last_draw > 1.0:
+    def update(self, step, loss_sum, lr):
+        since = time.perf_counter() - self.last_draw
+        if self.live and since > 1.0:
             self.last_draw = time.perf_counter()
-            print("\r" + self.line(*state), end="", flush=True)
+            print("\r" + self.line(step, loss_sum, lr), end="", flush=True)
+        elif not self.live and since >= PROGRESS_LOG_SECONDS and step < self.steps:  # finish logs the last
+            self.last_draw = time.perf_counter()
+            self.log(self.line(step, loss_sum, lr))
 
     def finish(self, *state):
         if self.live:

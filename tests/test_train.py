@@ -305,6 +305,15 @@ def test_a_cpu_without_bf16_units_trains_and_evaluates_in_float32(image_folder, 
     assert used == ["off", "off"]
 
 
+def test_progress_lines_go_to_a_log_file_in_the_epoch(image_folder, tmp_path, monkeypatch, capsys):
+    """Where stdout is not a terminal (a cluster job's log file), a progress line is logged every
+    PROGRESS_LOG_SECONDS: an ImageNet epoch would otherwise show nothing for an hour."""
+    monkeypatch.setattr(train, "PROGRESS_LOG_SECONDS", 0.0)
+    train.main(["--data", str(image_folder), "--epochs", "1", *TINY, "--output-dir", str(tmp_path / "run")])
+    for text in (capsys.readouterr().out, (tmp_path / "run" / "train.log").read_text()):
+        assert [text.count(f"step {step}/6") for step in range(1, 7)] == [1] * 6 and "\r" not in text
+
+
 def test_many_options_together(image_folder, tmp_path):
     """fp16 with a GradScaler (runs on the CPU too), EMA, MixUp/CutMix, clipping, accumulation, AdamW and resized
     crops, on the cached path (the default for small sets), with classes in an order of their own; evaluate.py
