@@ -670,11 +670,13 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
             break  # at the epoch's end, evaluation and the epoch's checkpoint come next, in train()
         if args.save_every_steps and step % args.save_every_steps == 0:
             save(epoch, step)
-    progress.finish(step - epoch * steps_per_epoch, sums[0], lr)
     if not end:  # stopped inside the epoch
+        progress.finish(step - epoch * steps_per_epoch, sums[0].item() / max(progress.seen, 1), lr)
         save(epoch, step)
         return step, None
-    return step, epoch_stats(sums, progress, lr, args.batch_size, epoch, log)
+    stats = epoch_stats(sums, progress, lr, args.batch_size, epoch, log)
+    progress.finish(steps_per_epoch, stats["train_loss"], lr)  # the loss of every process, as the epoch line's
+    return step, stats
 
 
 def set_lr(optimizer, lr):
@@ -788,27 +790,30 @@ class Progress:
         self.data_wait += time.perf_counter() - wait
         return batch
 
-    def line(self, step, loss_sum, lr):
+    def line(self, step, loss, lr):
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step - self.first_step, 1) * (self.steps - step)
         speed = self.seen * utils.get_world_size() / elapsed  # every process's, as the epoch line's: they see as many
-        return (f"{self.head}  step {step}/{self.steps}  loss {loss_sum.item() / max(self.seen, 1):.4f}  lr {lr:.4g}  "
+        return (f"{self.head}  step {step}/{self.steps}  loss {loss:.4f}  lr {lr:.4g}  "
                 f"{speed:.0f} img/s  data wait {100 * self.data_wait / elapsed:.0f}%  "
                 f"eta {timedelta(seconds=round(eta))}")
 
     def update(self, step, loss_sum, lr):
+        """Redraws (or logs) the line, with this process's loss so far: loss_sum over the images it has seen."""
         since = time.perf_counter() - self.last_draw
-        if self.live and since > 1.0:
-            self.last_draw = time.perf_counter()
-            print("\r" + self.line(step, loss_sum, lr), end="", flush=True)
-        elif not self.live and since >= PROGRESS_LOG_SECONDS and step < self.steps:  # finish logs the last
-            self.last_draw = time.perf_counter()
-            self.log(self.line(step, loss_sum, lr))
+        if since < (1.0 if self.live else PROGRESS_LOG_SECONDS) or not self.live and step == self.steps:
+            return  # not due yet (finish logs the epoch's last line)
+        self.last_draw = time.perf_counter()
+        line = self.line(step, loss_sum.item() / max(self.seen, 1), lr)
+        if self.live:
+            print("\r" + line, end="", flush=True)
+        else:
+            self.log(line)
 
-    def finish(self, *state):
+    def finish(self, step, loss, lr):
         if self.live:
             print("\r", end="")
-        self.log(self.line(*state))
+        self.log(self.line(step, loss, lr))
 
 
 # -----------------------------------------------------------------------------

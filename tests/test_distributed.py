@@ -62,10 +62,12 @@ def test_two_processes_write_the_same_files(two_process_run, image_folder, tmp_p
     assert {"last.pt", "best.pt", "results.csv", "args.json", "train.log"} <= {p.name for p in out.iterdir()}
     assert "4 per process x 2 process(es) x 1 accumulation step(s) = 8 images per update" in result.stdout
     assert result.stdout.count("epoch 2/2  train loss") == 1  # rank 1 stays quiet
-    # the progress line's speed is of every process, as the epoch line's (the same images over about the same time)
-    progress, epoch = (float(re.findall(r"(\d+) img/s", line)[0]) for line in result.stdout.splitlines()
-                       if line.startswith("epoch 2/2  ") and "img/s" in line)
-    assert 0.75 < progress / epoch < 1.34, result.stdout
+    # the epoch's last progress line is of every process, as the epoch line below it: its speed (the same images
+    # over about the same time) and its loss
+    progress, epoch = [line for line in result.stdout.splitlines() if line.startswith("epoch 2/2  ")]
+    speeds = [float(re.findall(r"(\d+) img/s", line)[0]) for line in (progress, epoch)]
+    assert 0.75 < speeds[0] / speeds[1] < 1.34, result.stdout
+    assert re.findall(r" loss (\S+) ", progress) == re.findall(r"train loss (\S+) ", epoch), result.stdout
     assert not any(k.startswith("module.") for k in weights(out / "last.pt"))
     # each process evaluated its half of val with the EMA that rank 0 saved (the same BatchNorm statistics)
     best = torch.load(out / "best.pt", weights_only=True)
