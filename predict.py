@@ -2,6 +2,7 @@
 
     python predict.py img.jpg --ckpt runs/exp/best.pt
     python predict.py photos/ "more/*.png" --ckpt runs/exp/best.pt --topk 3 --json
+    python predict.py img.jpg --ckpt runs/exp/best.pt --tta        # test-time augmentation, as evaluate.py's
     python predict.py img.jpg --ckpt runs/exp/best.torchscript    # an export of export.py (with its .json beside it)
 
 The class names and the eval preprocessing (resize, crop, mean, std) come from the checkpoint, which
@@ -20,6 +21,7 @@ import torch
 import data
 import export
 import utils
+from evaluate import tta_logits
 from model import model_from_checkpoint
 
 
@@ -41,10 +43,12 @@ def expand_inputs(inputs):
 
 
 @torch.inference_mode()
-def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=None, amp="off", workers=0):
+def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=None, amp="off", workers=0,
+            tta=False):
     """[(path, [(class index, probability)] best first)] of the images that decode: the top-k classes, or with a
     threshold (multilabel models) every class whose probability reaches it. Images are read as evaluate.py reads
-    them (data.eval_batches), in `workers` loader processes; a sample's target is its index in `paths`."""
+    them (data.eval_batches), in `workers` loader processes; a sample's target is its index in `paths`.
+    tta: evaluate.tta_logits, as evaluate.py --tta."""
     warn = partial(print, file=sys.stderr, flush=True)  # stdout is the results' (--json)
     samples = data.scan_images([(path, i) for i, path in enumerate(paths)], log=warn)
     normalize = data.make_normalize(preprocess, device)
@@ -52,7 +56,8 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
     results = []
     for images, indices in data.eval_batches(samples, preprocess, batch_size, device, workers):
         with utils.autocast(device, amp):
-            logits = model(normalize(images).to(dtype)).float()
+            images = normalize(images).to(dtype)
+            logits = (tta_logits(model, images) if tta else model(images)).float()
         batch_paths = [paths[i] for i in indices.tolist()]
         if threshold is None:
             probs, classes = logits.softmax(1).topk(min(topk, logits.shape[1]), dim=1)
@@ -92,6 +97,7 @@ def get_args_parser():
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--amp", choices=list(utils.AMP_DTYPES),
                    help="autocast dtype (default: evaluate.py's, the run's where this device computes it fast)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation, as evaluate.py --tta")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -107,7 +113,7 @@ def main(argv=None):
     threshold = args.threshold if multilabel else None
     workers = data.default_workers(device) if args.workers is None else args.workers
     results = predict(model, paths, preprocess, device, args.batch_size, args.topk, threshold, args.amp or amp,
-                      workers)
+                      workers, args.tta)
     if not results:
         raise SystemExit("error: none of the inputs could be read as an image")
     if args.json:

@@ -268,22 +268,24 @@ def test_predict_matches_evaluate_preprocessing(trained_run, image_folder):
 
 def test_predict_classifies_as_evaluate_does(trained_run, image_folder, tmp_path, capsys):
     """predict.py reads images as evaluate.py does, in loader processes with -j and in the run's autocast where
-    this device computes it fast: over a val folder its right answers are evaluate.py's, with any -j, and a file
-    that does not decode is skipped with a warning (on stderr: stdout is the JSON's)."""
+    this device computes it fast, with or without --tta: over a val folder its answers make evaluate.py's
+    confusion matrix, with any -j, and a file that does not decode is skipped with a warning (on stderr: stdout
+    is the JSON's)."""
     import evaluate
     import predict
     ckpt = str(trained_run[0] / "best.pt")
     folder = shutil.copytree(image_folder / "val", tmp_path / "val")
     (folder / "circle" / "broken.jpg").write_bytes(truncated_jpeg())
-    metrics = evaluate.main(["--ckpt", ckpt, "--data", str(tmp_path), "--workers", "0"])
     classes = utils.load_checkpoint(ckpt)["classes"]
-    for workers in ("0", "2"):
+    for workers, tta in (("0", []), ("2", ["--tta"])):
+        metrics = evaluate.main(["--ckpt", ckpt, "--data", str(tmp_path), "--workers", "0", *tta])
         capsys.readouterr()
-        results = predict.main([str(folder), "--ckpt", ckpt, "--json", "-j", workers])
+        results = predict.main([str(folder), "--ckpt", ckpt, "--json", "-j", workers, *tta])
         out, err = capsys.readouterr()
         assert json.loads(out)[0]["path"] == results[0][0] and "broken.jpg" in err and "--strict" not in err
-        right = sum(Path(path).parent.name == classes[top[0][0]] for path, top in results)
-        assert (len(results), right) == (metrics["count"], round(metrics["top1"] * metrics["count"] / 100))
+        confusion = [[sum(Path(path).parent.name == true and top[0][0] == j for path, top in results)
+                      for j in range(len(classes))] for true in classes]
+        assert confusion == metrics["confusion"], tta
 
 
 def test_a_cpu_without_bf16_units_trains_and_evaluates_in_float32(image_folder, trained_run, tmp_path, monkeypatch):
