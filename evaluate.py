@@ -191,8 +191,9 @@ def main(argv=None):
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
         if path and Path(path).exists() and Path(path).samefile(args.ckpt):
             parser.error(f"{flag} {path} is the checkpoint itself, which the report would replace: name another file")
-        if path:  # into new folders, as train.py's --output-dir
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        error = path and utils.create_folder(Path(path).parent, flag)  # into new folders, as train.py's --output-dir
+        if error:
+            raise SystemExit(error)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     log = utils.make_logger(enabled=rank == 0)
 

@@ -87,7 +87,9 @@ def main(argv=None):
     path = Path(args.output or Path(args.ckpt).with_suffix(suffix))
     if path.exists() and path.samefile(args.ckpt):
         parser.error(f"--output {path} is the checkpoint itself, which the export would replace: name another file")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    error = utils.create_folder(path.parent, "--output")
+    if error:
+        raise SystemExit(error)
 
     with torch.inference_mode():
         expected = model(sample).float().cpu()

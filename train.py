@@ -255,10 +255,14 @@ def claim_output_dir(args, rank, run_files):
                  f"replace: continue that run with --resume {Path(output_dir) / 'last.pt'}, or give another "
                  "--output-dir")
     if output_dir is None and rank == 0:
-        output_dir = str(new_output_dir(Path(args.train_csv).stem if args.train_csv
-                                        else Path(args.data or SHAPES_DIR).resolve().name))
+        try:
+            output_dir = str(new_output_dir(Path(args.train_csv).stem if args.train_csv
+                                            else Path(args.data or SHAPES_DIR).resolve().name))
+        except OSError as e:  # a read-only working folder
+            error = f"error: cannot create a run folder in {Path('runs').resolve()} ({e.strerror}); give --output-dir"
     if rank == 0 and not error:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        error = utils.create_folder(output_dir, "--output-dir")
+    if rank == 0 and not error:
         log_file = run_files.enter_context(open(Path(output_dir) / "train.log", "a"))
         if not utils.lock(log_file):
             error = f"error: another run is writing into {output_dir}: wait for it to end" + (

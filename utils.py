@@ -243,6 +243,16 @@ def save_checkpoint(checkpoint, path):
                          f"{path.name}, if any, is as it was") from None
 
 
+def create_folder(path, flag):
+    """Creates the folder `path` and its parents; None, or an error naming `flag` if it cannot be (a file in the
+    way, no permission)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"error: {flag}: cannot create the folder {path} ({e.strerror or e}); give another {flag}"
+    return None
+
+
 def lock(file):
     """Locks an open file until this process closes it or ends; False if another process holds the lock."""
     # a POSIX record lock (lockf), not flock: it is this process's alone, not shared with the loader processes it

@@ -210,6 +210,29 @@ def test_evaluate_takes_a_test_set_without_train_folder(trained_run, image_folde
         evaluate.main([*flags, "--data", str(tmp_path / "bare"), "--split", "train"])
 
 
+def test_an_output_folder_that_cannot_be_made_is_an_error_naming_its_flag(trained_run, image_folder, tmp_path,
+                                                                         monkeypatch):
+    """A file where a folder should go (or a folder without write permission): an error naming the flag, not a
+    traceback of os.mkdir."""
+    import evaluate
+    import export
+    import train
+    monkeypatch.chdir(tmp_path)
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file")
+    ckpt = str(trained_run[0] / "best.pt")
+    for main, args, flag in (
+            (train.main, ["--data", str(image_folder), "--output-dir", str(in_the_way / "run")], "--output-dir"),
+            (evaluate.main, ["--ckpt", ckpt, "--data", str(image_folder), "--json", str(in_the_way / "m.json")],
+             "--json"),
+            (export.main, ["--ckpt", ckpt, "--output", str(in_the_way / "m.torchscript")], "--output")):
+        with pytest.raises(SystemExit, match=re.escape(f"error: {flag}: cannot create the folder {in_the_way}")):
+            main(args)
+    (tmp_path / "runs").write_text("a file")  # where runs/<name>-<date>-<time> would go
+    with pytest.raises(SystemExit, match=re.escape(f"cannot create a run folder in {tmp_path / 'runs'}")):
+        train.main(["--data", str(image_folder)])
+
+
 def test_evaluate_on_a_split_without_usable_images_is_an_error(trained_run, tmp_path):
     import evaluate
     run_dir, _ = trained_run
