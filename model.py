@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import first_line
+from utils import first_line, unwrap_state_dict
 
 
 # -----------------------------------------------------------------------------
@@ -171,10 +171,14 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print, cl
         except Exception as e:
             raise SystemExit(f"error: --weights {weights}: not a state dict or checkpoint that torch.load reads "
                              f"with weights_only=True ({type(e).__name__})") from None
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):  # one of our checkpoints
+        if not isinstance(state_dict, dict):
+            raise SystemExit(f"error: --weights {weights}: a {type(state_dict).__name__}, not a state dict")
+        if isinstance(state_dict.get("state_dict"), dict):  # a checkpoint of Lightning, timm, mmcv...
+            state_dict = state_dict["state_dict"]
+        if isinstance(state_dict.get("model"), dict):  # one of our checkpoints (or torchvision's references')
             state_dict = head_by_class_name(model, trained_weights(state_dict), state_dict.get("classes"), classes,
                                             weights, log)
-        load_matching(model, state_dict, weights, log)
+        load_matching(model, unwrap_state_dict(state_dict), weights, log)  # saved from DDP or torch.compile
     return model
 
 

@@ -36,6 +36,22 @@ def test_local_weights_drop_a_mismatched_head(tmp_path):
     assert any("fc.weight" in m and "dropped" in m for m in messages)
 
 
+def test_weights_saved_by_other_training_code_load(tmp_path):
+    """A training checkpoint of another codebase: the weights under "state_dict" (Lightning's, timm's, mmcv's), their
+    names prefixed by DDP's "module." or torch.compile's "_orig_mod."."""
+    source = torchvision.models.resnet18(num_classes=3)
+    for prefix in ("module.", "_orig_mod."):
+        weights = {f"{prefix}{name}": tensor for name, tensor in source.state_dict().items()}
+        torch.save({"state_dict": weights, "epoch": 90}, tmp_path / "other.pth")
+        messages = []
+        net = model_lib.build_model("resnet18", 3, weights=tmp_path / "other.pth", log=messages.append)
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), source.state_dict().values()))
+        assert messages == [f"model: loaded 122/122 tensors from {tmp_path / 'other.pth'}"]
+    torch.save([source.fc.weight], tmp_path / "list.pth")
+    with pytest.raises(SystemExit, match="a list, not a state dict"):
+        model_lib.build_model("resnet18", 3, weights=tmp_path / "list.pth")
+
+
 def test_pretrained_uses_torchvision_weights(tmp_path, monkeypatch):
     # torchvision looks in $TORCH_HOME/hub/checkpoints before downloading: put a file there
     weights = torchvision.models.get_model_weights("resnet18").DEFAULT
