@@ -463,7 +463,7 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
 
 def split_samples(data_root, split, classes, val_fraction=0.1, seed=0, log=print, strict=None, ignore=()):
     """Samples of one split, indexed by a trained model's `classes`, found by the rules of training; a held-out
-    set may also come alone: DATA/val/<class>/ without train/, or DATA/<class>/ itself."""
+    set may also come alone: DATA/val/<class>/ without train/, or DATA/<class>/ itself (DATA/test, say)."""
     root, train_dir = Path(data_root), Path(data_root) / "train"
     held_out = None if split == "train" else held_out_folder(root, split)
     ignored_here = []
@@ -487,8 +487,8 @@ def held_out_folder(root, split):
     named = root / "test" if split == "test" else find_val_dir(root)
     if named is not None and named.is_dir():
         return named
-    if not (root / "train").is_dir() and not is_split_folder(root) and image_class_folders(root):
-        return root  # the held-out set alone, in ImageFolder's layout
+    if not (root / "train").is_dir() and root.name != "train" and image_class_folders(root):
+        return root  # the held-out set alone, in ImageFolder's layout (DATA/test itself too, not DATA/train)
     if split == "test":
         raise SystemExit(f"error: {root} has no test/ folder")
     return None

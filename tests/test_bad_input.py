@@ -138,8 +138,8 @@ def test_a_dataset_folder_in_another_layout_says_how_to_give_it(tmp_path):
     with pytest.raises(SystemExit, match=re.escape(message)):
         data.load_samples(tmp_path / "ds" / "train")
     message = f"val is the val/ folder of a dataset: give --data {tmp_path / 'ds'}"
-    with pytest.raises(SystemExit, match=re.escape(message)):  # evaluate.py --data DATA/val
-        data.split_samples(tmp_path / "ds" / "val", "val", ["circle", "square", "triangle"])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        data.load_samples(tmp_path / "ds" / "val")
 
 
 class RunsCode:
@@ -198,7 +198,8 @@ def test_evaluate_takes_a_test_set_without_train_folder(trained_run, image_folde
     full = evaluate.main([*flags, "--data", str(image_folder)])
     shutil.copytree(image_folder / "val", tmp_path / "only_val" / "val")
     shutil.copytree(image_folder / "val", tmp_path / "bare")
-    for where, split in ((tmp_path / "only_val", "val"), (tmp_path / "bare", "val"), (tmp_path / "bare", "test")):
+    for where, split in ((tmp_path / "only_val", "val"), (tmp_path / "bare", "val"), (tmp_path / "bare", "test"),
+                         (image_folder / "val", "val")):  # DATA/val itself, as DATA/test would be
         metrics = evaluate.main([*flags, "--data", str(where), "--split", split])
         assert (metrics["count"], metrics["confusion"]) == (full["count"], full["confusion"]), where
     next((tmp_path / "bare" / "circle").iterdir()).unlink()  # another set than the run's val: no split to warn of

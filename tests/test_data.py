@@ -166,7 +166,8 @@ def test_valid_or_validation_folder_is_the_val_split_not_test(tmp_path):
         assert any(f"validating on {root / name}" in m for m in messages)
         assert data.split_samples(root, "val", classes) == val and len(data.split_samples(root, "test", classes)) == 3
         with pytest.raises(SystemExit, match=f"is the {name}/ folder of a dataset: give --data"):
-            data.split_samples(root / name, "val", classes)
+            data.load_samples(root / name)  # to train on
+        assert data.split_samples(root / name, "val", classes) == val  # to evaluate: it is a held-out set
 
 
 def test_val_split_is_stratified_and_deterministic(tmp_path):
