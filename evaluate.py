@@ -67,12 +67,12 @@ def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels
     per_class_count = confusion.sum(1)
     top1 = 100 * correct[0] / max(count, 1)
     topk = 100 * correct[-1] / max(count, 1) if len(ks) > 1 else None
-    return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": ks[-1] if topk else None,
+    return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": ks[-1] if len(ks) > 1 else None,
             "topk": topk,
             "per_class_count": per_class_count.tolist(), "confusion": confusion.tolist(),
             "per_class_top1": percentages(confusion.diag(), per_class_count),
             # what train.py selects best.pt by, logs and writes to results.csv
-            "score": top1, "summary": f"top-1 {top1:.2f}%" + (f" top-{ks[-1]} {topk:.2f}%" if topk else ""),
+            "score": top1, "summary": f"top-1 {top1:.2f}%" + (f" top-{ks[-1]} {topk:.2f}%" if len(ks) > 1 else ""),
             "columns": {"val_top1": top1, "val_top5": topk}}
 
 

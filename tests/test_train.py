@@ -647,6 +647,18 @@ def test_a_top_k_of_every_class_is_not_reported(tmp_path):
     assert next(line for line in top1_only.stdout.splitlines() if line.startswith("images ")).count("top-") == 1
 
 
+def test_a_top_k_of_0_is_reported():
+    """A model that ranks the true class last: top-5 of 6 classes is 0%, a figure to show, not to drop."""
+    import evaluate
+
+    class TrueClassLast(torch.nn.Module):
+        def forward(self, images):
+            return torch.arange(6.0).expand(len(images), 6)
+    batches = [(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64))]
+    metrics = evaluate.evaluate(TrueClassLast(), batches, torch.device("cpu"), 6, data.eval_preprocess(8))
+    assert (metrics["k"], metrics["topk"]) == (5, 0.0) and metrics["summary"] == "top-1 0.00% top-5 0.00%"
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--epochs", "0"], "--epochs must be in [1, inf), got 0"),
     (["-b", "0"], "--batch-size must be in [1, inf), got 0"),
