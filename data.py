@@ -140,10 +140,13 @@ def is_image_file(name):
 
 
 def files_under(folder):
-    """The paths of the files under folder, through linked folders, past hidden files and folders (.git,
-    .ipynb_checkpoints, macOS's ._ files): what training reads of a class folder and predict.py of a folder."""
+    """The paths of the files under folder, through linked folders (not those that lead back up, a loop), past
+    hidden files and folders (.git, .ipynb_checkpoints, macOS's ._ files): what training reads of a class folder
+    and predict.py of a folder."""
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        here = os.path.join(os.path.realpath(root), "")  # with a trailing separator, "/" included
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not here.startswith(os.path.join(os.path.realpath(os.path.join(root, d)), "")))
         yield from (os.path.join(root, file) for file in sorted(files) if not file.startswith("."))
 
 

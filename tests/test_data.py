@@ -145,6 +145,17 @@ def test_classes_and_files(tmp_path):
     assert all(classes[t] in p for p, t in train + val)
 
 
+def test_a_folder_linked_into_itself_is_read_once(tmp_path):
+    """A link back up the tree (`latest -> .`) made every image of the class 41 times a sample (os.walk follows
+    links until the system's limit of 40): a silently inflated, imbalanced class."""
+    root = write_image_folder(tmp_path / "ds", n_train=4, n_val=2)
+    (root / "train" / "circle" / "again").symlink_to(".")
+    (root / "train" / "square" / "parent").symlink_to("..")  # the whole train/ inside one class
+    (root / "train" / "triangle" / "everything").symlink_to("/")
+    _, train, _ = data.load_samples(root, log=lambda *_: None)
+    assert len(train) == 12 and len({path for path, _ in train}) == 12
+
+
 def test_test_folder_replaces_missing_val(tmp_path):
     root = write_image_folder(tmp_path / "ds", n_train=2, n_val=2, splits=("train", "test"))
     messages = []
