@@ -228,8 +228,8 @@ def main(argv=None):
     amp = args.amp or utils.fast_amp(train_args["amp"], device)  # a run trained where bf16 is fast, evaluated where not
     metrics = EVALUATE[task](model, loader, device, len(classes), preprocess, amp, channels_last, args.topk, args.tta)
 
-    tta = ", with test-time augmentation" if args.tta else ""
-    log(f"{args.ckpt} on {args.data or args.val_csv} ({args.split}{tta}):")
+    split = f" ({args.split})" if args.data and Path(args.data, "train").is_dir() else ""  # else the folder is the set
+    log(f"{args.ckpt} on {args.data or args.val_csv}{split}{', with test-time augmentation' if args.tta else ''}:")
     log(format_report(metrics, classes))
     if rank == 0 and args.json:
         with open(args.json, "w") as f:

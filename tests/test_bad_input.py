@@ -204,7 +204,8 @@ def test_evaluate_takes_a_test_set_without_train_folder(trained_run, image_folde
         assert (metrics["count"], metrics["confusion"]) == (full["count"], full["confusion"]), where
     next((tmp_path / "bare" / "circle").iterdir()).unlink()  # another set than the run's val: no split to warn of
     assert evaluate.main([*flags, "--data", str(tmp_path / "bare")])["count"] == full["count"] - 1
-    assert "warning" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning" not in out and f"on {tmp_path / 'bare'}:" in out  # no split named: the folder is the set
     with pytest.raises(SystemExit, match="give --data"):  # DATA/train named: its images are not a test set
         evaluate.main([*flags, "--data", str(image_folder / "train")])
     with pytest.raises(SystemExit, match="no train/ folder"):
