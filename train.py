@@ -66,11 +66,12 @@ NO_EFFECT = {  # flags that other settings ignore: given with them, a warning sa
 }
 SMALL_SET = 10_000  # fewer training images than this: suggest --pretrained for a torchvision model
 MIN_STEPS_PER_EPOCH = 16  # the default batch size shrinks (to a power of 2) to give small datasets this many
-RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of images with every label right
+RESULTS_COLUMNS = {  # results.csv; train_top1 is, for multilabel, the share of images with every label right;
+    # seconds: the epoch's training; time: the run's wall time at the epoch's end (time to accuracy)
     "single": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds",
-               "images_per_s"],
+               "images_per_s", "time"],
     "multilabel": ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_f1", "val_macro_f1", "val_map",
-                   "seconds", "images_per_s"],
+                   "seconds", "images_per_s", "time"],
 }
 SHAPES_DIR = "datasets/shapes"  # where `python train.py` without --data writes its demo dataset
 MAX_BAD_STEPS = 20  # consecutive steps with a non-finite loss after which a run has diverged: stop it
@@ -621,7 +622,7 @@ def log_epoch(epoch, epochs, stats, metrics, is_best, output_dir, task, log):
     if output_dir is not None:
         append_results(output_dir / "results.csv", {
             "epoch": epoch + 1, "val_loss": metrics["loss"], **metrics["columns"],
-            **{k: stats[k] for k in ("lr", "train_loss", "train_top1", "seconds", "images_per_s")}},
+            **{k: stats[k] for k in ("lr", "train_loss", "train_top1", "seconds", "images_per_s", "time")}},
             RESULTS_COLUMNS[task])
 
 
@@ -824,16 +825,17 @@ class Progress:
 # checkpoints and results
 
 def make_checkpoint(model, ema_model, optimizer, scaler, args, classes, preprocess, files, epoch, step, best,
-                    metrics=None):
+                    metrics=None, elapsed=0.0):
     """Everything needed to continue the run or to use the model alone. best: (score, epoch). epoch and step count
-    those completed; files: {"train": digest, "val": digest}, data.files_digest of each split."""
+    those completed; files: {"train": digest, "val": digest}, data.files_digest of each split; elapsed: the run's
+    wall time so far, in seconds."""
     # no RNG state: every random draw is seeded from (seed, epoch, step, rank) or (seed, epoch, sample index)
     return {"model": utils.unwrap_state_dict(model.state_dict()),
             "model_ema": utils.unwrap_state_dict(ema_model.state_dict()) if ema_model is not None else None,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
             "best_score": best[0], "best_epoch": best[1], "metrics": metrics, "world_size": utils.get_world_size(),
             "args": vars(args), "model_name": args.model, "classes": classes, "preprocess": preprocess,
-            "files": files}
+            "files": files, "elapsed": elapsed}
 
 
 def save_checkpoints(checkpoint, output_dir, is_best=False, save_period=0):
@@ -933,7 +935,12 @@ def main(argv=None):
 
 
 def train(args, run_files):
+    started = time.perf_counter()
     args, checkpoint = resume_args(args) if args.resume else (args, None)
+    before = checkpoint.get("elapsed", 0.0) if checkpoint else 0.0  # the wall time of the run's earlier processes
+
+    def run_time():  # the run's wall time over its stops and resumes: time to accuracy (results.csv's time)
+        return before + time.perf_counter() - started
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     check_device(args, device, world_size)
     output_dir, log_file = claim_output_dir(args, rank, run_files)
@@ -980,7 +987,7 @@ def train(args, run_files):
         if rank == 0:  # the number of epochs that --time or --patience decided goes with the arguments
             run_args = argparse.Namespace(**{**vars(args), "epochs": epochs})
             save_checkpoints(make_checkpoint(model, ema_model, optimizer, scaler, run_args, classes, preprocess,
-                                             files, epochs_done, step, best, metrics),
+                                             files, epochs_done, step, best, metrics, run_time()),
                              output_dir, is_best, args.save_period)
 
     flags = StopFlags(stop, device, steps_per_epoch, args.lr, args.amp)
@@ -1007,6 +1014,7 @@ def train(args, run_files):
         metrics = evaluate_model(ema_model or model, val_loader, args, device, classes, preprocess)
         is_best = metrics["score"] > best[0]  # strictly: a tie never replaces the best
         best = (metrics["score"], epoch + 1) if is_best else best
+        stats["time"] = run_time()
         log_epoch(epoch, epochs, stats, metrics, is_best, output_dir if rank == 0 else None, args.task, log)
         if args.time and epoch == 0:
             epochs = epochs_for_time(args.time, stats["seconds"], step - first_step, steps_per_epoch,

@@ -43,6 +43,10 @@ def test_training_writes_every_output(trained_run, image_folder):
     assert all(math.isfinite(float(r["train_loss"])) and float(r["images_per_s"]) > 0 for r in rows)
     assert_shows_augmented_images(out / "train_batch.jpg", image_folder, 8)
     checkpoint = torch.load(out / "last.pt", weights_only=True)
+    # time to accuracy: the run's wall time at each epoch's end, its training and evaluation and what came before
+    times = [float(r["time"]) for r in rows]
+    assert float(rows[0]["seconds"]) < times[0] < times[1] <= checkpoint["elapsed"]
+    assert times[1] - times[0] > float(rows[1]["seconds"])
     assert checkpoint["epoch"] == 2 and checkpoint["classes"] == ["circle", "square", "triangle"]
     assert checkpoint["preprocess"]["img_size"] == 32 and checkpoint["args"]["epochs"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
@@ -538,6 +542,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(image_folder, tmp_path, uni
     result = run_script("train.py", "--resume", out / "last.pt")
     assert "resumed at epoch 0/3 step 1/6" in result.stdout
     assert_same_weights(full, torch.load(out / "last.pt", weights_only=True))
+    assert float(read_results(out)[0]["time"]) > checkpoint["elapsed"]  # the time before the stop counts
 
 
 def test_ctrl_c_while_the_cache_is_built_stops_at_once(tmp_path):
