@@ -189,8 +189,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 def native_amp(device):
-    """The autocast dtype that `device` computes fast: bf16 on GPUs with bf16 tensor cores (Ampere and later) and on
-    CPUs with bf16 instructions (AVX512-BF16 or AMX), fp16 on older GPUs, none on other CPUs."""
+    """The autocast dtype that `device` computes fast: bf16 on GPUs with bf16 tensor cores (Ampere and later), on
+    CPUs with bf16 instructions (AVX512-BF16 or AMX) and on Macs since macOS 14, fp16 on older GPUs, else none."""
     # emulated bf16 is slower than float32, 15x on a CPU without AVX-512 (see the README's Speed)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
@@ -198,7 +198,8 @@ def native_amp(device):
         checks = [getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported",
                                                                         "_is_amx_tile_supported")]
         return "bf16" if any(check() for check in checks) else "off"
-    return "bf16"  # mps
+    # mps: bf16 from macOS 14 on (before, a bf16 tensor is an error; fp16 autocast is refused on mps)
+    return "bf16" if getattr(torch.backends.mps, "is_macos_or_newer", lambda *_: False)(14, 0) else "off"
 
 
 def fast_amp(amp, device):

@@ -292,6 +292,15 @@ def test_predict_classifies_as_evaluate_does(trained_run, image_folder, tmp_path
         assert confusion == metrics["confusion"], tta
 
 
+@pytest.mark.parametrize("macos_14", [True, False])
+def test_a_mac_before_macos_14_trains_in_float32(monkeypatch, macos_14):
+    """MPS has bf16 from macOS 14 on; before, the first bf16 tensor is an error ("MPS BFloat16 is only supported on
+    MacOS 14 or newer"), and fp16 autocast is refused on MPS: the default there is off."""
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos_14 or major < 14,
+                        raising=False)
+    assert utils.native_amp(torch.device("mps")) == ("bf16" if macos_14 else "off")
+
+
 def test_a_cpu_without_bf16_units_trains_and_evaluates_in_float32(image_folder, trained_run, tmp_path, monkeypatch):
     """Emulated bf16 is slower than float32, 15x on a CPU without AVX-512: where the CPU has no bf16 instructions,
     --amp is off by default, in training and in evaluate.py of a run trained in bf16 or fp16 on a GPU."""
