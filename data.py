@@ -750,6 +750,11 @@ def cores_per_process():
 
 def decide_cache(cache, counts_and_sides, log):
     """--cache on or off as asked; by default on when the decoded images take at most a quarter of the memory."""
+    if not hasattr(os, "sysconf"):  # Windows: the cache is a memory-mapped file locked with fcntl, POSIX's
+        if cache:
+            raise SystemExit("error: --cache needs Linux or macOS (its files are locked with fcntl); drop the flag")
+        log("data: --cache off (it needs Linux or macOS): each image is decoded when it is read")
+        return False
     size_gib = sum(n * side * side * 3 for n, side in counts_and_sides) / 2**30
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     why = "as asked" if cache is not None else f"on by default up to a quarter of the memory, {memory_gib / 4:.1f} GiB"

@@ -1,4 +1,5 @@
 """data.py: folder layouts, decoding of every image kind, transforms, sampling."""
+import os
 from functools import partial
 
 import numpy as np
@@ -515,6 +516,18 @@ def test_cached_loaders_shard_and_batch(tmp_path):
     train = data.Batches(images, targets, sampler, 4, CPU, augment("padded"), drop_last=True)
     sampler.set_epoch(1)
     assert len(train) == 15 // 4 == len(list(train))
+
+
+def test_windows_trains_without_the_cache(image_folder, tmp_path, monkeypatch, capsys):
+    """The cache is a memory-mapped file locked with fcntl, and its default reads the memory with os.sysconf: POSIX
+    alone. On Windows (no os.sysconf) a run decodes per image, and --cache is an error that says so."""
+    import train
+    monkeypatch.delattr(os, "sysconf")
+    flags = ["--data", str(image_folder), "--epochs", "1", "--model", "smallnet_tiny", "-b", "8", "--workers", "0"]
+    train.main([*flags, "--output-dir", str(tmp_path / "run")])
+    assert "--cache off (it needs Linux or macOS)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--cache needs Linux or macOS"):
+        train.main([*flags, "--cache", "--output-dir", str(tmp_path / "cached")])
 
 
 def test_loader_workers_share_the_cores_of_their_node(monkeypatch):
