@@ -50,7 +50,8 @@ def batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
 @torch.inference_mode()
 def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels_last=False, topk=5, tta=False):
     """Metrics over the whole (sharded) loader, summed over processes, as plain numbers. tta: see tta_logits."""
-    ks = [1, topk] if 1 < topk < num_classes else [1]  # top-2 of 2 classes is 100% whatever the model: not shown
+    k = topk if 1 < topk < num_classes else None  # top-2 of 2 classes is 100% whatever the model: not shown
+    ks = [1, k] if k else [1]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
@@ -66,13 +67,12 @@ def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels
     count = int(confusion.sum())
     per_class_count = confusion.sum(1)
     top1 = 100 * correct[0] / max(count, 1)
-    topk = 100 * correct[-1] / max(count, 1) if len(ks) > 1 else None
-    return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": ks[-1] if len(ks) > 1 else None,
-            "topk": topk,
+    topk = 100 * correct[-1] / max(count, 1) if k else None
+    return {"count": count, "loss": loss_sum / max(count, 1), "top1": top1, "k": k, "topk": topk,
             "per_class_count": per_class_count.tolist(), "confusion": confusion.tolist(),
             "per_class_top1": percentages(confusion.diag(), per_class_count),
             # what train.py selects best.pt by, logs and writes to results.csv
-            "score": top1, "summary": f"top-1 {top1:.2f}%" + (f" top-{ks[-1]} {topk:.2f}%" if len(ks) > 1 else ""),
+            "score": top1, "summary": f"top-1 {top1:.2f}%" + (f" top-{k} {topk:.2f}%" if k else ""),
             "columns": {"val_top1": top1, "val_top5": topk}}
 
 
