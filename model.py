@@ -119,10 +119,12 @@ OWN_MODELS = {
     "smallnet_tiny_gn": partial(SmallNet, widths=(32, 64, 128), stem_width=16, norm=partial(nn.GroupNorm, 8)),
 }
 
-# torchvision models whose defaults do not fit a plain classifier: no auxiliary heads, their own init
+# torchvision models whose defaults do not fit a plain classifier: no auxiliary heads, their own init, and inputs
+# mapped from ImageNet's normalisation to the (x - 0.5) / 0.5 their ImageNet weights were trained on, as
+# torchvision sets it with weights (from scratch the per-channel map is learnt around)
 TORCHVISION_KWARGS = {
-    "googlenet": {"aux_logits": False, "init_weights": True},
-    "inception_v3": {"aux_logits": False, "init_weights": True},
+    "googlenet": {"aux_logits": False, "init_weights": True, "transform_input": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True, "transform_input": True},
 }
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import data
 import model as model_lib
@@ -63,6 +64,27 @@ def test_pretrained_uses_torchvision_weights(tmp_path, monkeypatch):
     net = model_lib.build_model("resnet18", 5, pretrained=True, log=lambda *_: None)
     assert torch.equal(net.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     assert net.fc.out_features == 5
+
+
+@pytest.mark.parametrize("name, size", [("googlenet", 96), ("inception_v3", 299)])
+def test_pretrained_inception_nets_compute_what_torchvisions_do(tmp_path, monkeypatch, name, size):
+    """Their ImageNet weights take inputs normalised by 0.5: torchvision maps ImageNet's normalisation to it."""
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, size, size)
+    source = torchvision.models.get_model(name, aux_logits=True, init_weights=True, transform_input=True)
+    for norm in source.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.momentum = None  # the running statistics become those of the batch: eval mode passes a signal
+    with torch.no_grad():
+        source(images)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(source.state_dict(), tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ours = model_lib.build_model(name, 1000, pretrained=True, log=lambda *_: None).eval()
+    theirs = torchvision.models.get_model(name, weights="DEFAULT").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), theirs(images))
 
 
 def test_pretrained_without_internet_says_where_to_put_the_file(tmp_path, monkeypatch):
