@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, features
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from utils import agree_on_failure, all_gather, first_line, get_rank, get_world_size, seed_from
+from utils import agree_on_failure, all_gather, first_line, get_rank, get_world_size, patient_group, seed_from
 
 # .jfif and .jpe: JPEGs as browsers on Windows save them; .avif where this Pillow reads it (recent ones do)
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif",
@@ -768,7 +768,7 @@ def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
     read-only). Local rank 0 decodes; the other processes wait, then map its files."""
     source = Path(args.data) if args.data else Path(args.train_csv).parent
     folder = source / ".cache" if os.access(source, os.W_OK) else Path(output_dir) / "cache"
-    workers = cpu_cores()
+    workers, waiting = cpu_cores(), patient_group()
 
     def build():
         return [build_cache(samples, *layout, folder, workers, log, args.strict) for samples, layout in splits]
@@ -776,9 +776,9 @@ def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
         try:
             built = build()
         except BaseException:
-            agree_on_failure(True)
+            agree_on_failure(True, waiting)
             raise
-    if agree_on_failure(False):
+    if agree_on_failure(False, waiting):
         raise SystemExit(f"error: process {rank}: the process that decodes the images into the cache failed; "
                          "its error is in its output")
     built = built if local_rank == 0 else build()

@@ -18,6 +18,9 @@ import torch.distributed as dist
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run sets none
 
+# how long a collective waits for a process that has died or hung, instead of waiting forever
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
 def setup_distributed(device_arg=None):
     """Returns (rank, local_rank, world_size, device). Starts the process group under torchrun."""
     rank = int(os.environ.get("RANK", 0))
@@ -29,8 +32,7 @@ def setup_distributed(device_arg=None):
         torch.cuda.set_device(device)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        # a timeout bounds how long the others wait when one process dies instead of hanging forever
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
     return rank, local_rank, world_size, device
 
@@ -112,14 +114,21 @@ def broadcast_buffers(module):
             dist.broadcast(buffer, src=0)
 
 
-def agree_on_failure(failed):
-    """Every process says whether it failed; returns whether another one did."""
+def patient_group():
+    """A process group whose collectives wait as long as one process's work takes (decoding an ImageNet-sized
+    cache: an hour, past COLLECTIVE_TIMEOUT), for agree_on_failure; None on one process. Made by every process."""
+    # gloo, on the CPU whatever the backend: a peer that dies still ends the wait (its connection closes)
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if dist.is_initialized() else None
+
+
+def agree_on_failure(failed, group):
+    """Every process of a patient_group says whether it failed; returns whether another one did."""
     # called where one process works (builds a cache) while the others wait: they learn of its error at once
     # instead of waiting at a collective until the timeout (NCCL does not notice a dead peer)
-    if not dist.is_initialized():
+    if group is None:
         return False
-    flags = torch.tensor([float(failed)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    flags = torch.tensor([float(failed)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
     return bool(flags.item()) and not failed
 
 

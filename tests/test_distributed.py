@@ -259,6 +259,28 @@ def test_one_failing_process_ends_the_job(tmp_path):
     assert "Traceback" not in outputs[0] + outputs[1]
 
 
+def test_processes_wait_for_a_cache_build_longer_than_the_collective_timeout(tmp_path):
+    """An ImageNet-sized cache takes an hour to decode, while collectives give up after 10 minutes: here 2 s, and
+    a build of 6 s (each image takes a second)."""
+    root = write_image_folder(tmp_path / "ds", n_train=3, n_val=1)
+    script = tmp_path / "wait.py"
+    script.write_text(f"""import datetime, sys, time, types
+sys.path.insert(0, {str(ROOT)!r})
+import data, utils
+utils.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=2)
+rank, local_rank, _, device = utils.setup_distributed("cpu")
+store_image = data.store_image
+data.store_image = lambda *args: time.sleep(1) or store_image(*args)
+samples = data.list_images({str(root / "train")!r}, ["circle", "square"])
+args = types.SimpleNamespace(data={str(root)!r}, train_csv=None, strict=False)
+[(images, rows)] = data.cache_splits(args, [(samples, (32, 32))], rank, local_rank, device, None, print)
+print("rank", rank, "has", len(rows), "images")
+utils.cleanup_distributed()
+""")
+    result = torchrun(script)
+    assert "rank 0 has 6 images" in result.stdout and "rank 1 has 6 images" in result.stdout
+
+
 def test_time_budget_is_one_number_for_every_process(tmp_path):
     """Each process times its own first epoch; all must fit the same number of epochs, or they follow different
     schedules and one ends up waiting alone in a collective."""
