@@ -110,10 +110,15 @@ def percentages(parts, wholes):
 
 
 def average_precision(scores, truth):
-    """Per class: the mean, over its positive images, of the precision among the images ranked above them."""
-    order = scores.argsort(0, descending=True)
+    """Per class: the mean, over its positive images, of the precision among the images scored at least as high
+    (sklearn's: images with equal scores rank together, whatever their order; bf16 logits tie often)."""
+    scores, order = scores.sort(0, descending=True)
     relevant = truth.gather(0, order).float()
-    precision_at = relevant.cumsum(0) / torch.arange(1, len(scores) + 1).unsqueeze(1)
+    last_of_tie = torch.ones_like(scores, dtype=torch.bool)
+    last_of_tie[:-1] = scores[:-1] != scores[1:]
+    rank = torch.arange(len(scores)).unsqueeze(1).expand_as(scores)
+    tie_end = torch.where(last_of_tie, rank, len(scores) - 1).flip(0).cummin(0).values.flip(0)  # of each one's tie
+    precision_at = relevant.cumsum(0).gather(0, tie_end) / (tie_end + 1)
     return (precision_at * relevant).sum(0) / relevant.sum(0).clamp(min=1)
 
 

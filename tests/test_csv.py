@@ -201,5 +201,13 @@ def test_multilabel_metrics_on_known_scores():
     ap = evaluate.average_precision(scores, truth)
     # class 0 ranks 0.9 (+), 0.8 (-), 0.2 (+): AP = (1/1 + 2/3) / 2; class 1 ranks 0.7 (+), 0.6 (+): AP = 1
     assert ap.tolist() == pytest.approx([(1 + 2 / 3) / 2, 1.0])
+    # equal scores rank together, whatever the images' order (bf16 logits tie often): a model that scores every
+    # image alike has the share of positives as its AP (sklearn's), not more where the positives come first
+    tied = torch.zeros(1000, 2, dtype=torch.bool)
+    tied[:100, 0], tied[900:, 1] = True, True
+    assert evaluate.average_precision(torch.zeros(1000, 2), tied).tolist() == pytest.approx([0.1, 0.1])
+    scores = torch.tensor([[2.0], [1.0], [1.0], [1.0], [0.5]])  # +, then a tie of -, +, -, then +
+    truth = torch.tensor([[1], [0], [1], [0], [1]], dtype=torch.bool)
+    assert evaluate.average_precision(scores, truth).item() == pytest.approx((1 + 2 / 4 + 3 / 5) / 3)
     multi_hot = data.index_labels([("a.jpg", ["y", "x"])], ["x", "y", "z"], "t.csv", multilabel=True)[0][1]
     assert multi_hot.tolist() == [1.0, 1.0, 0.0]
