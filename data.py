@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, features
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from utils import agree_on_failure, all_gather, first_line, get_rank, get_world_size, patient_group, seed_from
+from utils import (agree_on_failure, all_gather, first_line, get_rank, get_world_size, patient_group, seed_draws,
+                   seed_from)
 
 # .jfif and .jpe: JPEGs as browsers on Windows save them; .avif where this Pillow reads it (recent ones do)
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif",
@@ -988,15 +989,14 @@ def augment_each(images, seeds, auto_augment, random_erase):
     if random_erase:
         steps.append(v2.RandomErasing(random_erase, value=[round(255 * m) for m in IMAGENET_MEAN]))
     transform = v2.Compose(steps)
-    generator = torch.random.default_generator  # what the transforms draw from, wherever the images are
-    state = generator.get_state()  # left as it was for the caller
+    device = images.device
     augmented = []
-    try:
+    # the transforms draw from the CPU's generator, and AugMix from the images' device's too: both seeded per
+    # image, and left as they were for the caller
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
         for image, seed in zip(images, seeds):
-            generator.manual_seed(seed)
+            seed_draws(seed, device.type)
             augmented.append(transform(image))
-    finally:
-        generator.set_state(state)
     return torch.stack(augmented)
 
 

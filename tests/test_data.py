@@ -284,6 +284,22 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(image_folder, crop):
     assert torch.equal(first, torch.stack(list(augmented(list(sampler)[:4], 1).values())))
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_augmix_is_a_function_of_the_seed_on_the_images_device(image_folder, device):
+    """AugMix draws its mixing weights on the images' device (the others draw on the CPU): on a GPU that device's
+    generator, too, is seeded per image, and left as it was for the caller."""
+    _, train, _ = data.load_samples(image_folder, log=lambda *_: None)
+    batch, aspects, rows, _ = data.DecodedImages(train, 32, 32).__getitems__([0, 1])
+    outputs, draws = [], []
+    for state in (1, 2):  # whatever state the caller's generators are in
+        torch.manual_seed(state)
+        outputs.append(augment("padded", "augmix")(batch.to(device), aspects.to(device), rows.numpy(), 0))
+        draws.append(torch.rand(2, device=device))
+    assert torch.equal(*outputs)
+    torch.manual_seed(2)
+    assert torch.equal(draws[1], torch.rand(2, device=device))
+
+
 def test_two_processes_see_the_global_batch_of_one(image_folder):
     dataset = list(range(100, 148))  # sample indices
     one = data.EpochSampler(dataset, num_replicas=1, rank=0, seed=1)
