@@ -676,10 +676,13 @@ class Batches:
 
 
 def to_device(tensor, device):
-    """Moves a host tensor to `device` without waiting."""
+    """Moves a host tensor to `device`; to a GPU without waiting."""
     # a copy to a GPU from pageable host memory first waits for all the GPU's queued work: a sync point that would
     # stall the loop at every batch. From pinned memory it is queued behind that work and the host goes on.
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+    # Elsewhere it waits: on MPS a copy that does not may read its source after it is freed (pytorch#189690)
+    if device.type != "cuda":
+        return tensor.to(device)
+    if tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 

@@ -41,10 +41,10 @@ def batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
     model.eval()
     normalize = data.make_normalize(preprocess, device, channels_last)
     for images, targets in loader:
-        images = normalize(images.to(device, non_blocking=True))
+        images = normalize(data.to_device(images, device))
         with utils.autocast(device, amp):
             logits = tta_logits(model, images) if tta else model(images).float()
-        yield logits.float(), targets.to(device, non_blocking=True)
+        yield logits.float(), data.to_device(targets, device)
 
 
 @torch.inference_mode()

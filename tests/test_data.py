@@ -300,6 +300,17 @@ def test_augmix_is_a_function_of_the_seed_on_the_images_device(image_folder, dev
     assert torch.equal(draws[1], torch.rand(2, device=device))
 
 
+def test_only_copies_to_a_gpu_from_pinned_memory_do_not_wait(monkeypatch):
+    """On a Mac (MPS) a copy that does not wait can read its source after it is freed (pytorch/pytorch#189690):
+    batches and their labels would change silently. Not run on a Mac (none here): the copies are recorded."""
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: copies.append(kwargs) or self)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # no CUDA here to pin for
+    for device in ("mps", "cpu", "cuda"):
+        data.to_device(torch.zeros(2), torch.device(device))
+    assert [copy.get("non_blocking", False) for copy in copies] == [False, False, True]
+
+
 def test_two_processes_see_the_global_batch_of_one(image_folder):
     dataset = list(range(100, 148))  # sample indices
     one = data.EpochSampler(dataset, num_replicas=1, rank=0, seed=1)
