@@ -52,7 +52,7 @@ def evaluate(model, loader, device, num_classes, preprocess, amp="off", channels
     """Metrics over the whole (sharded) loader, summed over processes, as plain numbers. tta: see tta_logits."""
     k = topk if 1 < topk < num_classes else None  # top-2 of 2 classes is 100% whatever the model: not shown
     ks = [1, k] if k else [1]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=utils.sum_dtype(device), device=device)
     correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
     for logits, targets in batch_logits(model, loader, device, preprocess, amp, channels_last, tta):

@@ -94,8 +94,9 @@ class SmallNet(nn.Sequential):
         c, k = conv.in_channels, conv.kernel_size[0]
         covariance, count = 0, 0
         for chunk in images.split(64):  # all patches of 1,000 images of 146 px at once would take 2 GiB
-            # float64: exact on any device (a GPU's TF32 matmuls would blur the small eigenvalues that matter most)
-            patches = chunk.double().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+            # float64 on the host, whatever the device: exact (a GPU's TF32 matmuls would blur the small eigenvalues
+            # that matter most), and Macs' GPUs have no float64
+            patches = chunk.to("cpu", torch.float64).unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
             patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)  # one row per patch, as the filters
             covariance, count = covariance + patches.T @ patches, count + len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)  # ascending order
@@ -109,7 +110,7 @@ class SmallNet(nn.Sequential):
         if half > len(filters) or conv.out_channels % 2:
             raise ValueError(f"a whitening stem has an even width of at most {2 * len(filters)}, "
                              f"not {conv.out_channels}")
-        conv.weight.copy_(torch.cat([filters[:half], -filters[:half]]))
+        conv.weight.copy_(torch.cat([filters[:half], -filters[:half]]).to(conv.weight.dtype))
 
 
 OWN_MODELS = {

@@ -639,7 +639,8 @@ def train_one_epoch(model, criterion, optimizer, scaler, loader, epoch, step, ar
     done = step - epoch * steps_per_epoch  # steps of this epoch already taken before a resume
     # the order is a function of (seed, epoch): skipping the batches already seen gives the remaining ones
     loader.sampler.set_epoch(epoch, skip=done * args.accum_steps * args.batch_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, right answers, micro-steps with a non-finite loss
+    # loss, right answers, micro-steps with a non-finite loss
+    sums = torch.zeros(3, dtype=utils.sum_dtype(device), device=device)
     bad_run = torch.zeros((), dtype=torch.int64, device=device)  # the latest non-finite ones in a row
     progress = Progress(epoch, epochs, steps_per_epoch, done, log)
     batches = iter(loader)
@@ -700,7 +701,7 @@ def count_hits(logits, labels):
 
 def epoch_stats(sums, progress, lr, batch_size, epoch, log):
     """The epoch's loss, top-1 and speed, over all processes: a sync point, once per epoch."""
-    seen = torch.tensor([progress.seen], dtype=torch.float64, device=sums.device)
+    seen = torch.tensor([progress.seen], dtype=sums.dtype, device=sums.device)
     loss_sum, hits, bad, seen = utils.all_reduce(torch.cat([sums, seen])).tolist()
     if bad:
         log(f"warning: {bad:.0f} step(s) of epoch {epoch + 1} had a non-finite loss and were skipped")
@@ -755,7 +756,7 @@ def epochs_for_time(hours, train_seconds, steps_run, steps_per_epoch, eval_secon
     """--time: the number of epochs that fit in `hours`, from the first epoch's training (per step: a resumed run
     ran only some) and evaluation time, the slowest process's, so that all follow the same schedule."""
     epoch_seconds = train_seconds / steps_run * steps_per_epoch + eval_seconds
-    epoch_seconds = torch.tensor(epoch_seconds, dtype=torch.float64, device=device)
+    epoch_seconds = torch.tensor(epoch_seconds, dtype=utils.sum_dtype(device), device=device)
     epoch_seconds = utils.all_reduce(epoch_seconds, ReduceOp.MAX).item()
     epochs = max(1, int(hours * 3600 / epoch_seconds))
     log(f"--time {hours:g} h: {epoch_seconds:.2f} s per epoch (training measured over {steps_run} of {steps_per_epoch} "

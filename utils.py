@@ -97,6 +97,12 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
     return tensor
 
 
+def sum_dtype(device):
+    """The dtype of sums on `device` (losses, counts): float64, exact for any count; float32 on MPS, which has no
+    float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def broadcast_object(value):
     """Rank 0's value (any picklable object) on every process; the value itself on one process."""
     if not dist.is_initialized():

@@ -6,6 +6,7 @@ from torch import nn
 
 import data
 import model as model_lib
+import utils
 from conftest import eval_transform
 
 
@@ -131,6 +132,32 @@ def test_whitened_stem_decorrelates_patches():
     with torch.no_grad():
         out = torch.nn.functional.conv2d(gray, net.stem[0].weight)
     assert out.var(dim=(0, 2, 3)).min() > 0.5  # every channel one of the 4, none of noise (1e-13)
+
+
+class OnMPS(torch.Tensor):
+    """A tensor on a Mac's GPU, as far as float64 goes: MPS has none ("Cannot convert a MPS Tensor to float64"),
+    so a float64 result is an error until the tensor is moved to the host (.cpu(), .to("cpu"))."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = super().__torch_function__(func, types, args, kwargs)
+        to_host = func is torch.Tensor.cpu or func is torch.Tensor.to and "cpu" in map(str, [*args, *kwargs.values()])
+        if isinstance(result, OnMPS) and to_host:
+            return result.as_subclass(torch.Tensor)
+        if isinstance(result, OnMPS) and result.dtype == torch.float64:
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+        return result
+
+
+def test_sums_and_the_whitening_stem_avoid_float64_on_a_mac():
+    """MPS has no float64: a run's sums are float32 there, and the stem's statistics are gathered on the host."""
+    assert [utils.sum_dtype(torch.device(d)) for d in ("mps", "cuda", "cpu")] == [torch.float32, *[torch.float64] * 2]
+    images = torch.randn(8, 3, 32, 32)
+    on_host, on_mps = model_lib.build_model("smallnet", 10), model_lib.build_model("smallnet", 10)
+    on_host.whiten_stem(images)
+    on_mps.whiten_stem(images.as_subclass(OnMPS))
+    assert torch.equal(on_host.stem[0].weight, on_mps.stem[0].weight)
 
 
 def test_training_starts_from_a_stem_whitened_on_its_images(trained_run, image_folder):
