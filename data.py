@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, features
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from utils import (agree_on_failure, all_gather, first_line, get_rank, get_world_size, patient_group, seed_draws,
-                   seed_from)
+from utils import (agree_on_failure, all_gather, broadcast_object, first_line, get_rank, get_world_size,
+                   patient_group, seed_draws, seed_from)
 
 # .jfif and .jpe: JPEGs as browsers on Windows save them; .avif where this Pillow reads it (recent ones do)
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif",
@@ -753,7 +753,8 @@ def cores_per_process():
 
 
 def decide_cache(cache, counts_and_sides, log):
-    """--cache on or off as asked; by default on when the decoded images take at most a quarter of the memory."""
+    """--cache on or off as asked; by default on when the decoded images take at most a quarter of the memory (of
+    rank 0's machine: every process must read the same way, and another machine may have less)."""
     if not hasattr(os, "sysconf"):  # Windows: the cache is a memory-mapped file locked with fcntl, POSIX's
         if cache:
             raise SystemExit("error: --cache needs Linux or macOS (its files are locked with fcntl); drop the flag")
@@ -762,7 +763,7 @@ def decide_cache(cache, counts_and_sides, log):
     size_gib = sum(n * side * side * 3 for n, side in counts_and_sides) / 2**30
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     why = "as asked" if cache is not None else f"on by default up to a quarter of the memory, {memory_gib / 4:.1f} GiB"
-    cache = size_gib <= memory_gib / 4 if cache is None else cache
+    cache = broadcast_object(size_gib <= memory_gib / 4) if cache is None else cache
     log(f"data: --cache {'on' if cache else 'off'} ({why}): the decoded images take {size_gib:.2f} GiB")
     return cache
 

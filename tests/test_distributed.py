@@ -259,9 +259,10 @@ def test_one_failing_process_ends_the_job(tmp_path):
     assert "Traceback" not in outputs[0] + outputs[1]
 
 
-def test_processes_wait_for_a_cache_build_longer_than_the_collective_timeout(tmp_path):
-    """An ImageNet-sized cache takes an hour to decode, while collectives give up after 10 minutes: here 2 s, and
-    a build of 6 s (each image takes a second)."""
+def test_processes_cache_as_rank_0_decides_and_wait_for_the_build(tmp_path):
+    """Every process reads the way rank 0 decides, also on a machine with less memory (the cache build has
+    collectives). An ImageNet-sized cache takes an hour to decode, while collectives give up after 10 minutes:
+    here 2 s, and a build of 6 s (each image takes a second)."""
     root = write_image_folder(tmp_path / "ds", n_train=3, n_val=1)
     script = tmp_path / "wait.py"
     script.write_text(f"""import datetime, sys, time, types
@@ -269,6 +270,10 @@ sys.path.insert(0, {str(ROOT)!r})
 import data, utils
 utils.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=2)
 rank, local_rank, _, device = utils.setup_distributed("cpu")
+if rank == 1:  # a machine with a page of memory: caching would not be its choice
+    sysconf = data.os.sysconf
+    data.os.sysconf = lambda name: 1 if name == "SC_PHYS_PAGES" else sysconf(name)
+print("rank", rank, "caches:", data.decide_cache(None, [(6, 32)], print))
 store_image = data.store_image
 data.store_image = lambda *args: time.sleep(1) or store_image(*args)
 samples = data.list_images({str(root / "train")!r}, ["circle", "square"])
@@ -278,6 +283,7 @@ print("rank", rank, "has", len(rows), "images")
 utils.cleanup_distributed()
 """)
     result = torchrun(script)
+    assert "rank 0 caches: True" in result.stdout and "rank 1 caches: True" in result.stdout
     assert "rank 0 has 6 images" in result.stdout and "rank 1 has 6 images" in result.stdout
 
 
