@@ -302,8 +302,8 @@ def load_data(args, output_dir, local_rank, world_size, device, log):
     """(args settled, classes, train and val samples): a new namespace with the flags whose defaults depend on the
     data or the device (--data for the demo, --img-size, --model, --train-crop, --amp) settled once."""
     settled = {"output_dir": str(output_dir)}
-    if args.amp is None:
-        settled["amp"] = utils.native_amp(device)
+    if args.amp is None:  # rank 0's: DDP averages the gradients of every process, scaled up in fp16 and not in bf16
+        settled["amp"] = utils.broadcast_object(utils.native_amp(device))
         log(f"amp: {settled['amp']}, what this {device.type} computes fast (--amp)")
     if args.data is None and args.train_csv is None:
         if local_rank == 0:

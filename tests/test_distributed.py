@@ -259,31 +259,37 @@ def test_one_failing_process_ends_the_job(tmp_path):
     assert "Traceback" not in outputs[0] + outputs[1]
 
 
-def test_processes_cache_as_rank_0_decides_and_wait_for_the_build(tmp_path):
-    """Every process reads the way rank 0 decides, also on a machine with less memory (the cache build has
-    collectives). An ImageNet-sized cache takes an hour to decode, while collectives give up after 10 minutes:
-    here 2 s, and a build of 6 s (each image takes a second)."""
+def test_processes_read_and_compute_as_rank_0_decides_and_wait_for_the_cache_build(tmp_path):
+    """Every process reads the way rank 0 decides (the cache build has collectives), and computes in its autocast
+    (gradients of fp16 scaled up and of bf16 would be averaged), also on a machine with less memory and no bf16
+    units. An ImageNet-sized cache takes an hour to decode, while collectives give up after 10 minutes: here 2 s,
+    and a build of 6 s (each image takes a second)."""
     root = write_image_folder(tmp_path / "ds", n_train=3, n_val=1)
     script = tmp_path / "wait.py"
     script.write_text(f"""import datetime, sys, time, types
 sys.path.insert(0, {str(ROOT)!r})
-import data, utils
+import torch, data, train, utils
 utils.COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=2)
 rank, local_rank, _, device = utils.setup_distributed("cpu")
+torch.cpu._is_avx512_bf16_supported = lambda: rank == 0
 if rank == 1:  # a machine with a page of memory: caching would not be its choice
     sysconf = data.os.sysconf
     data.os.sysconf = lambda name: 1 if name == "SC_PHYS_PAGES" else sysconf(name)
-print("rank", rank, "caches:", data.decide_cache(None, [(6, 32)], print))
+print(f"rank {{rank}} caches: {{data.decide_cache(None, [(6, 32)], print)}}", flush=True)  # one write: whole
+args = train.parse_args(["--data", {str(root)!r}, "--workers", "0"])
+print(f"rank {{rank}} amp: {{train.load_data(args, {str(tmp_path)!r}, local_rank, 2, device, print)[0].amp}}",
+      flush=True)
 store_image = data.store_image
 data.store_image = lambda *args: time.sleep(1) or store_image(*args)
 samples = data.list_images({str(root / "train")!r}, ["circle", "square"])
 args = types.SimpleNamespace(data={str(root)!r}, train_csv=None, strict=False)
 [(images, rows)] = data.cache_splits(args, [(samples, (32, 32))], rank, local_rank, device, None, print)
-print("rank", rank, "has", len(rows), "images")
+print(f"rank {{rank}} has {{len(rows)}} images", flush=True)
 utils.cleanup_distributed()
 """)
     result = torchrun(script)
     assert "rank 0 caches: True" in result.stdout and "rank 1 caches: True" in result.stdout
+    assert "rank 0 amp: bf16" in result.stdout and "rank 1 amp: bf16" in result.stdout
     assert "rank 0 has 6 images" in result.stdout and "rank 1 has 6 images" in result.stdout
 
 
