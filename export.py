@@ -60,8 +60,13 @@ def export_onnx(model, sample, path, dynamic_batch):
         raise SystemExit(f"error: --format onnx needs the onnx and onnxscript packages ({e}): "
                          "pip install onnx onnxscript")
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None  # per input: dimension 0 may vary
+    # the weights inside: one file that runs wherever it is copied; only past protobuf's 2 GiB limit beside it,
+    # in <file>.data, which must then go with it
+    large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
     torch.onnx.export(model, (sample,), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes=dynamic, dynamo=True)
+                      dynamic_shapes=dynamic, dynamo=True, external_data=large)
+    if large:
+        print(f"note: the weights are in {path}.data, beside {path} (too large for one ONNX file): keep them together")
     try:
         import onnxruntime
     except ImportError:

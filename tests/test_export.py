@@ -76,7 +76,9 @@ def test_onnx_export_runs_with_any_batch(trained_run, tmp_path):
     result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--format", "onnx", "--dynamic-batch",
                         "--output", tmp_path / "m.onnx")
     assert "largest difference from PyTorch" in result.stdout
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # the weights inside: one file
+    (tmp_path / "deployed").mkdir()
+    session = onnxruntime.InferenceSession(str((tmp_path / "m.onnx").rename(tmp_path / "deployed" / "m.onnx")))
     assert session.run(None, {"images": np.zeros((5, 3, 32, 32), np.float32)})[0].shape == (5, 3)
 
 
