@@ -807,7 +807,15 @@ def report_other_caches(folder, in_use, log):
     others = [path for path in Path(folder).iterdir() if stem(path) not in in_use]
     if others:
         log(f"data: {folder} also holds {len({stem(p) for p in others})} cache file(s) of other images or sizes "
-            f"({sum(p.stat().st_size for p in others) / 2**30:.2f} GiB): delete them when no run reads them")
+            f"({sum(map(file_size, others)) / 2**30:.2f} GiB): delete them when no run reads them")
+
+
+def file_size(path):
+    """Its size in bytes; 0 for a file gone since it was listed (another run's cache build renames its files)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 # -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch.distributed as dist
 # how long a collective waits for a process that has died or hung, instead of waiting forever
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
+
 def setup_distributed(device_arg=None):
     """Returns (rank, local_rank, world_size, device). Starts the process group under torchrun."""
     rank = int(os.environ.get("RANK", 0))

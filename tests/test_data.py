@@ -1,6 +1,7 @@
 """data.py: folder layouts, decoding of every image kind, transforms, sampling."""
 import os
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,7 +395,7 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and (array[0] == [255, 0, 0]).all()
 
 
-def test_a_run_says_what_the_caches_of_earlier_data_take(tmp_path):
+def test_a_run_says_what_the_caches_of_earlier_data_take(tmp_path, monkeypatch):
     """Each version of the data gets a cache of its own; the files of older versions stay (another run may still
     read them): a run says how much room they take, which would otherwise fill the disk unseen."""
     root = write_image_folder(tmp_path / "ds", n_train=4)
@@ -406,6 +407,13 @@ def test_a_run_says_what_the_caches_of_earlier_data_take(tmp_path):
         assert len(others) == turn
         Image.new("RGB", (40, 40), (255, 0, 0)).save(train[0][0])  # the data changes: a new training cache
     assert f"{root / '.cache'} also holds 1 cache file(s) of other images or sizes (0.00 GiB)" in others[0]
+    # another run's build renames and removes its files as it goes: a file listed, then gone, is counted as none
+    listed = [*(root / ".cache").iterdir(), root / ".cache" / "32px-0123456789abcdef.progress.tmp"]
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(listed))
+    messages = []
+    data.report_other_caches(root / ".cache", [], messages.append)
+    assert messages == [f"data: {root / '.cache'} also holds 4 cache file(s) of other images or sizes (0.00 GiB): "
+                        "delete them when no run reads them"]
 
 
 def test_header_scan_in_processes_drops_the_same_files_in_order(tmp_path):
