@@ -843,7 +843,10 @@ def build_cache(samples, side, resize, folder, workers=0, log=print, strict=Fals
         import fcntl  # POSIX only, like the rest of the cache
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another job decoding the same files: wait for it, then use its file
+            try:  # another job decoding the same files: wait for it, then use its file
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks (Lustre mounted without flock): decode all the same
+                pass
             if not path.exists():
                 decode_into(path, DecodedImages(samples, side, resize), workers, log, chunk)
     bad = json.loads(path.with_suffix(".json").read_text())
