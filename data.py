@@ -769,10 +769,11 @@ def decide_cache(cache, counts_and_sides, log):
 
 
 def cache_splits(args, splits, rank, local_rank, device, output_dir, log):
-    """CachedImages and usable rows of each (samples, layout) split, in DATA/.cache (the run's folder if DATA is
-    read-only). Local rank 0 decodes; the other processes wait, then map its files."""
+    """CachedImages and usable rows of each (samples, layout) split, in DATA/.cache (the run's folder if that is
+    not writable). Local rank 0 decodes; the other processes wait, then map its files."""
     source = Path(args.data) if args.data else Path(args.train_csv).parent
-    folder = source / ".cache" if os.access(source, os.W_OK) else Path(output_dir) / "cache"
+    shared = source / ".cache"  # not writable: DATA read-only, or .cache another user's
+    folder = shared if os.access(shared if shared.exists() else source, os.W_OK) else Path(output_dir) / "cache"
     workers, waiting = cpu_cores(), patient_group()
 
     def build():

@@ -401,6 +401,29 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path, monkeypat
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and (array[0] == [255, 0, 0]).all()
 
 
+def test_a_cache_folder_this_user_cannot_write_is_left_alone(tmp_path):
+    """DATA/.cache made by another user (DATA writable by the group, .cache by its owner alone): a new cache goes
+    to the run's folder, as for read-only data. Here .cache is mounted read-only in a namespace of the test's own."""
+    import shlex
+    import subprocess
+    import sys
+    from conftest import ROOT
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (a user and mount namespace) is not available here")
+    root = write_image_folder(tmp_path / "ds", n_train=2, splits=("train",))
+    (root / ".cache").mkdir()
+    build = (f"import sys, types; sys.path.insert(0, {str(ROOT)!r}); import data, torch; "
+             f"samples = data.list_images({str(root / 'train')!r}, ['circle']); "
+             f"args = types.SimpleNamespace(data={str(root)!r}, train_csv=None, strict=False); "
+             f"data.cache_splits(args, [(samples, (32, 32))], 0, 0, torch.device('cpu'), {str(tmp_path / 'run')!r}, "
+             "print)")
+    cache = shlex.quote(str(root / ".cache"))
+    script = f"mount --bind -o ro {cache} {cache} && exec {shlex.join([sys.executable, '-c', build])}"
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "run" / "cache").glob("*.npy"))) == 1 and not any((root / ".cache").iterdir())
+
+
 def test_a_run_says_what_the_caches_of_earlier_data_take(tmp_path, monkeypatch):
     """Each version of the data gets a cache of its own; the files of older versions stay (another run may still
     read them): a run says how much room they take, which would otherwise fill the disk unseen."""
