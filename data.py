@@ -741,9 +741,18 @@ def default_workers(device):
     return 0 if cores <= 2 else max(1, min(8, cores // 2))
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU quota under cgroup v2: "<quota> <period>"
+
+
 def cpu_cores():
-    """The cores this process may run on (a container or taskset may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The cores this process may use: those it may run on (a taskset, a container's cpuset), or fewer where a
+    container's CPU quota allows fewer (a Kubernetes CPU limit: the container sees every core of the node)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 (macOS, cgroup v1), or "max": no quota
+        return cores
 
 
 def cores_per_process():

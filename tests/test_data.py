@@ -605,6 +605,19 @@ def test_loader_workers_share_the_cores_of_their_node(monkeypatch):
     assert data.default_workers(torch.device("cuda")) == 3
 
 
+def test_a_containers_cpu_quota_bounds_the_cores(tmp_path, monkeypatch):
+    """A Kubernetes CPU limit (cgroup v2's cpu.max: quota and period in microseconds) allows fewer cores than the
+    node has, and its container sees them all: loaders, the cache build and the header scan count the quota."""
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(data, "CGROUP_CPU_MAX", cpu_max)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    for text, cores in (("150000 100000", 2), ("max 100000", 64), ("12800000 100000", 64)):
+        cpu_max.write_text(text + "\n")
+        assert data.cpu_cores() == cores
+    cpu_max.unlink()  # no cgroup v2 (cgroup v1, macOS): the affinity alone
+    assert data.cpu_cores() == 64
+
+
 def test_evaluate_loads_with_the_workers_training_would(trained_run, image_folder, monkeypatch):
     """evaluate.py without -j takes the loader processes that train.py takes on the same machine (every core but
     one on a GPU), not a fixed count."""
