@@ -40,10 +40,11 @@ def batch_logits(model, loader, device, preprocess, amp, channels_last, tta):
     """(float32 logits, targets) of every batch of the loader, on the device: the loop both metrics share."""
     model.eval()
     normalize = data.make_normalize(preprocess, device, channels_last)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)  # float16 for an `export.py --half` file
     for images, targets in loader:
-        images = normalize(data.to_device(images, device))
+        images = normalize(data.to_device(images, device)).to(dtype)
         with utils.autocast(device, amp):
-            logits = tta_logits(model, images) if tta else model(images).float()
+            logits = tta_logits(model, images) if tta else model(images)
         yield logits.float(), data.to_device(targets, device)
 
 

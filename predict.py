@@ -21,7 +21,7 @@ import torch
 import data
 import export
 import utils
-from evaluate import tta_logits
+from evaluate import batch_logits
 from model import model_from_checkpoint
 
 
@@ -48,16 +48,12 @@ def predict(model, paths, preprocess, device, batch_size=32, topk=5, threshold=N
     """[(path, [(class index, probability)] best first)] of the images that decode: the top-k classes, or with a
     threshold (multilabel models) every class whose probability reaches it. Images are read as evaluate.py reads
     them (data.eval_batches), in `workers` loader processes; a sample's target is its index in `paths`.
-    tta: evaluate.tta_logits, as evaluate.py --tta."""
+    tta: as evaluate.py --tta (evaluate.batch_logits, the forward pass of both)."""
     warn = partial(print, file=sys.stderr, flush=True)  # stdout is the results' (--json)
     samples = data.scan_images([(path, i) for i, path in enumerate(paths)], log=warn)
-    normalize = data.make_normalize(preprocess, device)
-    dtype = next(model.parameters()).dtype  # float16 for an `export.py --half` file
+    loader = data.eval_batches(samples, preprocess, batch_size, device, workers)
     results = []
-    for images, indices in data.eval_batches(samples, preprocess, batch_size, device, workers):
-        with utils.autocast(device, amp):
-            images = normalize(images).to(dtype)
-            logits = (tta_logits(model, images) if tta else model(images)).float()
+    for logits, indices in batch_logits(model, loader, device, preprocess, amp, False, tta):
         batch_paths = [paths[i] for i in indices.tolist()]
         if threshold is None:
             probs, classes = logits.softmax(1).topk(min(topk, logits.shape[1]), dim=1)
