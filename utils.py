@@ -154,7 +154,8 @@ def all_gather(value):
 
 def seed_from(*numbers):
     """A well-mixed 63-bit seed from a few non-negative integers, e.g. (seed, epoch, index)."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0] >> 1)
+    # shifted as a Python int: NumPy 1.x refuses a shift of a uint64 by a Python int (it makes the int an int64)
+    return int(np.random.SeedSequence(list(numbers)).generate_state(2, np.uint64)[0]) >> 1
 
 
 def seed_draws(seed, device_type="cpu"):
