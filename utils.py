@@ -75,12 +75,13 @@ def cleanup_distributed():
     """Ends the process group once every process is done with it."""
     # the barrier: tearing the group down while a peer still talks to it can abort the process. The pause: gloo's
     # worker threads free the tensors of the last collectives just after those return, and need the interpreter
-    # to do it; DDP keeps the group alive past destroy_process_group (torch 2.14), so nothing waits for them, and
-    # a process that is already exiting then aborts ("terminate called without an active exception")
+    # (the GIL) to do it. Destroying the group meanwhile could deadlock in older torch (2.5: its destructor waits
+    # for them, holding the GIL); in newer torch DDP keeps the group alive past destroy_process_group and an
+    # exiting process aborted ("terminate called without an active exception")
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
         time.sleep(0.2)
+        dist.destroy_process_group()
 
 
 def get_rank():
