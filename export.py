@@ -1,7 +1,7 @@
 """Export a checkpoint to a file that runs without this code: TorchScript or ONNX.
 
     python export.py --ckpt runs/exp/best.pt                         # runs/exp/best.torchscript + .json beside it
-    python export.py --ckpt runs/exp/best.pt --format onnx --dynamic-batch   # needs: pip install onnx onnxscript
+    python export.py --ckpt runs/exp/best.pt --format onnx --dynamic-batch   # pip install onnx onnxscript; torch 2.7+
     python predict.py img.jpg --ckpt runs/exp/best.torchscript       # predict.py runs a TorchScript export too
 
 The exported model takes a normalised float batch [N, 3, H, W] and returns logits. Beside it, <file>.json holds
