@@ -189,7 +189,7 @@ def deterministic_mode(deterministic):
 
 
 # -----------------------------------------------------------------------------
-# mixed precision: the same autocast in training and evaluation
+# flags: the range check every script runs on its numeric flags
 
 def check_ranges(parser, args, ranges):
     """An argparse error for a flag outside its interval in `ranges`, e.g. {"lr": "[0, inf)", "dropout": "[0, 1)"}."""
@@ -202,6 +202,9 @@ def check_ranges(parser, args, ranges):
                 (value <= high if interval[-1] == "]" else value < high)):
             parser.error(f"--{name.replace('_', '-')} must be in {interval}, got {value}")
 
+
+# -----------------------------------------------------------------------------
+# mixed precision: the same autocast in training and evaluation
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
