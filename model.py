@@ -67,6 +67,12 @@ class Scale(nn.Module):
         return x * self.factor
 
 
+# added to the variance of each direction the stem whitens: directions fainter than this stay fainter. airbench's
+# 5e-4 suits its PNGs; JPEGs leave a few directions of their 2x2 patches ~100x fainter than the rest (the colour
+# detail that 4:2:0 sampling drops; see the README's Results), whose residue 5e-4 would amplify 40-fold.
+WHITEN_EPS = 5e-3
+
+
 class SmallNet(nn.Sequential):
     """stem, group1..group3, pool, dropout, fc, scale: a flat sequence, so its stages are its children."""
 
@@ -85,11 +91,11 @@ class SmallNet(nn.Sequential):
         self.stem.requires_grad_(False)
 
     @torch.no_grad()
-    def whiten_stem(self, images, eps=5e-4):
+    def whiten_stem(self, images, eps=WHITEN_EPS):
         """Sets the stem's filters from `images` (a normalised NCHW batch) to whiten their 2x2 patches."""
         # the eigenvectors of the patches' covariance, each scaled to unit variance (the outputs are decorrelated,
-        # and faint high-frequency directions as loud as the bright ones), each negated as well, so that the GELU
-        # after it passes both signs. Narrower stems keep the largest directions.
+        # and faint high-frequency directions as loud as the bright ones) unless fainter than eps, each negated as
+        # well, so that the GELU after it passes both signs. Narrower stems keep the largest directions.
         conv = self.stem[0]
         c, k = conv.in_channels, conv.kernel_size[0]
         covariance, count = 0, 0
