@@ -391,10 +391,16 @@ def check_repeats(rows, csv_path, log):
     return [(path, labels) for path, labels, _ in rows]
 
 
+def is_class_id(label):
+    """Whether a CSV label is an integer id (0..K-1): 7, not 007 (a code, so a name) or 7.0."""
+    return label.isdecimal() and label == str(int(label))
+
+
 def name_labels(rows, names=None):
-    """The rows with every label a class name: integer ids name `names` (--classes) when given, else themselves."""
+    """The rows with every label a class name: integer ids index `names` (--classes) when given, unless they are
+    its names (--classes 2,0,1 orders the ids, not renames them), else name themselves."""
     found = {label for _, labels in rows for label in labels}
-    if not names or not found or not all(label.isdigit() for label in found):
+    if not names or not found or found <= set(names) or not all(map(is_class_id, found)):
         return rows
     largest = max(int(label) for label in found)
     if largest >= len(names):
@@ -441,7 +447,7 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
     """(classes, train samples, val samples) of CSV files: like load_samples, with the labels in a column."""
     train_rows = name_labels(read_csv_samples(train_csv, *columns, log=log), wanted)
     found = sorted({label for _, labels in train_rows for label in labels})
-    if found and all(label.isdigit() for label in found):  # ids that name themselves: every id up to the largest
+    if found and all(map(is_class_id, found)):  # ids that name themselves: every id up to the largest
         found = [str(i) for i in range(max(map(int, found)) + 1)]
     classes = warn_of_alike_classes(select_classes(found, wanted, ignore, train_csv), train_csv, log)
     train_rows = drop_ignored(train_rows, train_csv, ignore, multilabel, log)

@@ -61,6 +61,17 @@ def test_csv_integer_ids_and_class_list(csv_dataset, tmp_path):
     assert classes == ["circle", "triangle"] and len(train) + len(val) == 32
     with pytest.raises(SystemExit, match="--ignore-classes names squares, which .*ids.csv does not have"):
         data.load_csv_samples(tmp_path / "ids.csv", wanted=names, ignore=["squares"], log=lambda *_: None)
+    # zero-padded ids (001, 002: codes, as some datasets number their classes) are names, each its own class
+    write_csv(tmp_path / "codes.csv", [(path, f"{i + 1:03d}") for path, i in rows])
+    classes, train, val = data.load_csv_samples(tmp_path / "codes.csv", log=lambda *_: None)
+    assert classes == ["001", "002", "003"]
+    assert sorted((path, classes[t]) for path, t in train + val) == sorted((p, f"{i + 1:03d}") for p, i in rows)
+    # ids that --classes lists as names are those names, in its order, not indices into it
+    for csv_file, labels in (("ids.csv", ["2", "0", "1"]), ("codes.csv", ["003", "001", "002"])):
+        classes, train, val = data.load_csv_samples(tmp_path / csv_file, wanted=labels, log=lambda *_: None)
+        assert classes == labels
+        assert sorted((path, classes[t]) for path, t in train + val) == sorted(
+            (p, sorted(labels)[i]) for p, i in rows)
 
 
 def test_csv_saved_by_a_spreadsheet_reads_the_same(csv_dataset, tmp_path):
