@@ -397,10 +397,11 @@ def is_class_id(label):
 
 
 def name_labels(rows, names=None):
-    """The rows with every label a class name: integer ids index `names` (--classes) when given, unless they are
-    its names (--classes 2,0,1 orders the ids, not renames them), else name themselves."""
+    """The rows with every label a class name: integer ids index `names` (--classes) when given, unless those are
+    integers too (--classes 2,0,1 orders the ids, not renames them), else name themselves."""
+    # decided by the names, not by the labels: a run's CSV files (train and val) all read the same way
     found = {label for _, labels in rows for label in labels}
-    if not names or not found or found <= set(names) or not all(map(is_class_id, found)):
+    if not names or all(map(is_class_id, names)) or not found or not all(map(is_class_id, found)):
         return rows
     largest = max(int(label) for label in found)
     if largest >= len(names):
