@@ -399,7 +399,7 @@ def is_class_id(label):
 def name_labels(rows, names=None):
     """The rows with every label a class name: integer ids index `names` (--classes) when given, unless those are
     integers too (--classes 2,0,1 orders the ids, not renames them), else name themselves."""
-    # decided by the names, not by the labels: a run's CSV files (train and val) all read the same way
+    # whether ids index the names is decided by the names alone: a run's CSV files (train, val) all read alike
     found = {label for _, labels in rows for label in labels}
     if not names or all(map(is_class_id, names)) or not found or not all(map(is_class_id, found)):
         return rows
