@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed_run(command):
-    """Runs a command (its output passes through), stops on failure; returns its wall time in seconds."""
+    """Runs a Python script (its output passes through); returns its wall time in seconds, or stops if it fails."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, *map(str, command)], check=True)
+    command = [sys.executable, *map(str, command)]
+    if subprocess.run(command).returncode:
+        raise SystemExit(f"error: {' '.join(command[1:])} failed: its output is above")
     return time.perf_counter() - start
 
 
