@@ -1,6 +1,7 @@
 """Time to accuracy, measured as the README's Results measure it. Per seed: DATA/.cache deleted (so decoding counts),
 `train.py` run in a new process, then `evaluate.py --tta` on its last.pt (the final epoch, chosen by nothing).
-Prints each run's val top-1 and wall times, then their means. Flags after `--` go to train.py.
+Prints each run's val top-1 and wall times, then their means. Flags after `--` go to train.py. Run it alone: it
+deletes DATA/.cache, which another run may be building, and its times want the machine to themselves.
 
     python benchmarks/time_to_accuracy.py --data cifar10-dev --seeds 0 1 -- --epochs 17
     python benchmarks/time_to_accuracy.py --data cifar10-dev --seeds 0 1 --target 91 -- --epochs 17 --tta
