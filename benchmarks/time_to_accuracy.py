@@ -50,6 +50,11 @@ def minutes(seconds):
     return "-" if seconds is None else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
+def table_line(name, figures):
+    return (f"{name:>4}  {figures['top1']:6.2f}  {figures['tta_top1']:6.2f}  {minutes(figures['train_s']):>12}  "
+            f"{minutes(figures['total_s']):>13}  {minutes(figures.get('target_s'))}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset folder, as train.py's --data")
@@ -63,12 +68,10 @@ def main():
                for seed in args.seeds]
     print(f"\ntrain.py --data {args.data} {' '.join(args.train_flags)}; then evaluate.py --tta on last.pt")
     print(f"{'seed':>4}  {'top-1':>6}  {'TTA':>6}  {'train':>12}  {'with TTA eval':>13}  to {args.target or '-'}%")
-    for r in results:
-        print(f"{r['seed']:>4}  {r['top1']:6.2f}  {r['tta_top1']:6.2f}  {minutes(r['train_s']):>12}  "
-              f"{minutes(r['total_s']):>13}  {minutes(r['target_s'])}")
-    means = {key: statistics.mean(r[key] for r in results) for key in ("top1", "tta_top1", "train_s", "total_s")}
-    print(f"{'mean':>4}  {means['top1']:6.2f}  {means['tta_top1']:6.2f}  {minutes(means['train_s']):>12}  "
-          f"{minutes(means['total_s']):>13}")
+    for figures in results:
+        print(table_line(figures["seed"], figures))
+    print(table_line("mean", {key: statistics.mean(r[key] for r in results)
+                              for key in ("top1", "tta_top1", "train_s", "total_s")}))
 
 
 if __name__ == "__main__":
