@@ -473,6 +473,9 @@ def make_optimizer(model, args, device):
     return optimizer
 
 
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # a, b, c of p(g) = a + b g + c g^2: raise small singular values fastest
+
+
 def orthogonalize(matrix, steps=(3, 2)):
     """About the nearest semi-orthogonal matrix (singular values near 1), by 5 steps of a quintic Newton-Schulz
     iteration, x <- p(x x^T) x, run on the small Gram matrix g = x x^T: g <- p(g) g p(g), and x <- P x with P the
@@ -480,16 +483,21 @@ def orthogonalize(matrix, steps=(3, 2)):
     # x is formed again after the first 3 steps: P magnifies the rounding of g as much as it magnifies the small
     # singular values (up to 500x), and formed once midway the result is as close to exact as x stepped itself.
     # float32, not the bfloat16 of Muon's authors: 2 processes must reach what 1 does
-    a, b, c = 3.4445, -4.7750, 2.0315  # the coefficients that raise small singular values fastest
+    a, b, c = NEWTON_SCHULZ
     x = matrix.float() / (matrix.norm() + 1e-7)  # every singular value in [0, 1]
     wide = x.size(0) <= x.size(1)
     x = x if wide else x.T
     eye = torch.eye(len(x), device=x.device)
+
+    def poly(gram):
+        return a * eye + b * gram + c * gram @ gram
     for count in steps:
-        gram, product = x @ x.T, eye
-        for _ in range(count):
-            poly = a * eye + b * gram + c * gram @ gram
-            gram, product = poly @ gram @ poly, poly @ product
+        gram = x @ x.T
+        product = step = poly(gram)
+        for _ in range(count - 1):
+            gram = step @ gram @ step
+            step = poly(gram)
+            product = step @ product
         x = product @ x
     return x if wide else x.T
 

@@ -18,18 +18,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import build_model, head_name  # noqa: E402
-from train import orthogonalize  # noqa: E402
-
-A, B, C = 3.4445, -4.7750, 2.0315  # train.orthogonalize's coefficients
+from train import NEWTON_SCHULZ, orthogonalize  # noqa: E402
 
 
 def plain_iteration(matrix, dtype=torch.float32, steps=5):
+    a, b, c = NEWTON_SCHULZ
     x = matrix.to(dtype) / (matrix.to(dtype).norm() + 1e-7)
     wide = x.size(0) <= x.size(1)
     x = x if wide else x.T
     for _ in range(steps):
         gram = x @ x.T
-        x = A * x + (B * gram + C * gram @ gram) @ x
+        x = a * x + (b * gram + c * gram @ gram) @ x
     return x if wide else x.T
 
 

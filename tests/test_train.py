@@ -815,13 +815,15 @@ def test_orthogonalize_computes_the_newton_schulz_iteration_as_closely_as_steppi
     """train.orthogonalize runs the iteration x <- a x + (b g + c g^2) x, g = x x^T, on the small Gram matrix; on a
     matrix whose singular values spread over 6 decades (tall or wide) it is as close to the iteration stepped in
     float64 as the iteration stepped in float32 is (1e-5), not 20x further, as without forming x again midway."""
+    a, b, c = train.NEWTON_SCHULZ
+
     def stepped(x, dtype):
         x = x.to(dtype) / x.to(dtype).norm()
         wide = x.size(0) <= x.size(1)
         x = x if wide else x.T
         for _ in range(5):
             gram = x @ x.T
-            x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+            x = a * x + (b * gram + c * gram @ gram) @ x
         return x if wide else x.T
     torch.manual_seed(0)
     rank = min(shape)
