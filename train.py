@@ -36,7 +36,8 @@ from model import (OWN_MODELS, build_model, check_image_size, check_model_name, 
                    keep_frozen_in_eval, list_models, load_weights, set_head_dropout)
 
 # the defaults of each optimizer's recipe, for the flags not given. Muon's is airbench94's (at batch 1024: its
-# learning rates for our mean loss, 0.7x those of its batch 2000, and its momentum 0.7), for our smallnet.
+# learning rates for our mean loss, 0.7x those of its batch 2000, and its momentum 0.7), for our smallnet; its wd,
+# 3e-6 x the head's lr scale (806.4), acts on the head alone (Muon keeps each filter's norm).
 # Learning rates are for `batch` images per update; other batch sizes scale them by (batch / that), or its square
 # root for the optimizers whose step size does not follow the gradient's (timm's rule).
 RECIPES = {
@@ -44,7 +45,7 @@ RECIPES = {
                 lr_warmup_epochs=1.0, label_smoothing=0.1),
     "adamw": dict(lr=1e-3, wd=0.05, batch=64, lr_scaling="sqrt", lr_scheduler="cosine", lr_warmup_epochs=1.0,
                   label_smoothing=0.1),
-    "muon": dict(lr=0.6, wd=3e-6, momentum=0.85, muon_lr=0.168, muon_momentum=0.7, batch=1024, lr_scaling="sqrt",
+    "muon": dict(lr=0.6, wd=2.4192e-3, momentum=0.85, muon_lr=0.168, muon_momentum=0.7, batch=1024, lr_scaling="sqrt",
                  lr_scheduler="linear", lr_warmup_epochs=0.0, label_smoothing=0.2),
 }
 FLAG_RANGES = {  # the values a numeric flag takes: another is an error, not a run that does something odd
@@ -130,7 +131,7 @@ def get_args_parser():
     p.add_argument("--lr", type=float, help="peak lr (default: sgd 0.05 at batch 64, adamw 1e-3, muon 0.6 at 1024)")
     p.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9, muon's SGD 0.85)")
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float,
-                   help="weight decay, not on norms and biases (default: sgd 5e-4, adamw 0.05, muon 3e-6)")
+                   help="weight decay, not on norms and biases (default: sgd 5e-4, adamw 0.05, muon 2.42e-3)")
     p.add_argument("--lr-warmup-epochs", type=float, help="linear warmup from 0, in epochs (default: 1, muon 0)")
     p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the last step (default: 0)")
     p.add_argument("--lr-scheduler", choices=["cosine", "linear"],
@@ -444,7 +445,7 @@ def lr_at(step, total_steps, warmup_steps, base_lr, min_lr, decay="cosine"):
 def make_optimizer(model, args, device):
     """Nesterov SGD, AdamW, or Muon on the filters of convolutions and hidden linear layers with Nesterov SGD on
     the rest. No weight decay on norm weights and biases (every 0- or 1-dimensional parameter). A parameter's
-    `lr_scale` attribute (our smallnet sets some) multiplies its learning rate."""
+    `lr_scale` attribute (our smallnet sets some) multiplies its learning rate, not its weight decay."""
     head = model.get_submodule(head_name(model)).weight  # the last layer is no filter
     groups = {}
     for p in (p for p in model.parameters() if p.requires_grad):
@@ -454,9 +455,11 @@ def make_optimizer(model, args, device):
         lr_scale = args.muon_lr / args.lr if is_filter else own_scale
         key = (p.ndim > 1 and not is_filter, is_filter, lr_scale)
         groups.setdefault(key, []).append(p)
-    groups = [{"params": params, "weight_decay": args.wd if decay else 0.0, "lr_scale": lr_scale}
+    # set_lr sets a group's lr to the schedule's x lr_scale; its weight decay is divided by lr_scale (airbench's
+    # rule), so that every parameter loses the same lr x wd share of itself a step, whatever its scale
+    groups = [{"params": params, "weight_decay": args.wd / lr_scale if decay else 0.0, "lr_scale": lr_scale}
               | ({"orthogonalize": True, "momentum": args.muon_momentum} if is_filter else {})
-              for (decay, is_filter, lr_scale), params in groups.items()]  # set_lr: the schedule's lr x lr_scale
+              for (decay, is_filter, lr_scale), params in groups.items()]
     if args.opt == "muon":
         return Muon(groups, lr=args.lr, momentum=args.momentum)
     # fused kernels (one launch for all parameters, and the GradScaler's skip decided on the device) on CUDA,
