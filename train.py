@@ -51,10 +51,11 @@ RECIPES = {
 FLAG_RANGES = {  # the values a numeric flag takes: another is an error, not a run that does something odd
     **dict.fromkeys(["epochs", "batch_size", "accum_steps", "img_size"], "[1, inf)"),
     **dict.fromkeys(["workers", "freeze", "patience", "save_period", "save_every_steps", "crop_padding",
-                     "mixup_alpha", "cutmix_alpha", "lr", "muon_lr", "lr_min", "wd", "lr_warmup_epochs"], "[0, inf)"),
+                     "mixup_alpha", "cutmix_alpha", "muon_lr", "lr_min", "wd", "lr_warmup_epochs"], "[0, inf)"),
     **dict.fromkeys(["dropout", "momentum", "muon_momentum", "label_smoothing", "model_ema_decay"], "[0, 1)"),
     **dict.fromkeys(["min_scale", "crop_pct"], "(0, 1]"),
     "random_erase": "[0, 1]", "val_fraction": "(0, 1)", "clip_grad_norm": "(0, inf)", "time": "(0, inf)",
+    "lr": "(0, inf)",  # an lr of 0 trains nothing, and Muon's filters' lr is set as a multiple of it
 }
 NO_EFFECT = {  # flags that other settings ignore: given with them, a warning says so
     "momentum": (lambda a: a.opt == "adamw", "with --opt adamw"),

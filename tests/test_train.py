@@ -699,7 +699,8 @@ def test_a_top_k_of_0_is_reported():
     (["--epochs", "0"], "--epochs must be in [1, inf), got 0"),
     (["-b", "0"], "--batch-size must be in [1, inf), got 0"),
     (["--img-size", "0"], "--img-size must be in [1, inf), got 0"),  # 0 was taken for "not given"
-    (["--lr", "-1"], "--lr must be in [0, inf), got -1.0"),
+    (["--lr", "-1"], "--lr must be in (0, inf), got -1.0"),
+    (["--lr", "0"], "--lr must be in (0, inf), got 0.0"),  # Muon's filters' lr is a multiple of it: 0 divided
     (["--momentum", "2"], "--momentum must be in [0, 1), got 2.0"),
     (["--min-scale", "2"], "--min-scale must be in (0, 1], got 2.0"),
     (["--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
