@@ -443,14 +443,27 @@ def lr_at(step, total_steps, warmup_steps, base_lr, min_lr, decay="cosine"):
     return min_lr + (base_lr - min_lr) * remaining
 
 
+def linear_map_weights(model):
+    """The filters of convolutions and the matrices of linear layers, attention's projections included: what Muon
+    steps. Not class tokens, position embeddings or layer scales, which have 2 dimensions or more but map nothing
+    (Muon keeps a matrix's norm: a class token of zeros became NaN, a layer scale's size followed the lr alone)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            yield module.weight
+        elif isinstance(module, nn.MultiheadAttention):
+            yield from (w for w in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight,
+                                    module.v_proj_weight) if w is not None)
+
+
 def make_optimizer(model, args, device):
     """Nesterov SGD, AdamW, or Muon on the filters of convolutions and hidden linear layers with Nesterov SGD on
     the rest. No weight decay on norm weights and biases (every 0- or 1-dimensional parameter). A parameter's
     `lr_scale` attribute (our smallnet sets some) multiplies its learning rate, not its weight decay."""
     head = model.get_submodule(head_name(model)).weight  # the last layer is no filter
+    filters = {id(p) for p in linear_map_weights(model) if p is not head} if args.opt == "muon" else set()
     groups = {}
     for p in (p for p in model.parameters() if p.requires_grad):
-        is_filter = args.opt == "muon" and p.ndim > 1 and p is not head
+        is_filter = id(p) in filters
         # the multipliers are for SGD steps, which grow with the gradient; AdamW's steps are about lr in size
         own_scale = getattr(p, "lr_scale", 1.0) if args.opt != "adamw" else 1.0
         lr_scale = args.muon_lr / args.lr if is_filter else own_scale
@@ -589,7 +602,11 @@ def restore(checkpoint, path, model, ema_model, optimizer, scaler):
     load_weights(model, checkpoint["model"], path)
     if ema_model is not None:
         ema_model.load_state_dict(checkpoint["model_ema"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as e:  # the code that groups the parameters changed since the run started
+        raise SystemExit(f"error: {path}: its optimizer state does not fit this code's parameter groups ({e}); "
+                         f"resume with the code that started the run, or start a new one with --weights {path}")
     scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["step"], (checkpoint["best_score"], checkpoint.get("best_epoch", 0))
 

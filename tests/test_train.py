@@ -172,6 +172,18 @@ def test_resume_on_data_moved_elsewhere_takes_its_new_place(trained_run, image_f
     assert checkpoint["epoch"] == 3 and checkpoint["args"]["data"] == str(moved)
 
 
+def test_resume_with_other_parameter_groups_is_a_clear_error(trained_run, image_folder, tmp_path):
+    """A run whose optimizer grouped its parameters otherwise (code since changed) cannot go on as it was: an error
+    that says what to do, not torch's."""
+    last, _ = stopped_run_on_a_copy(trained_run, image_folder, tmp_path)
+    checkpoint = torch.load(last, weights_only=True)
+    groups = checkpoint["optimizer"]["param_groups"]
+    groups[0]["params"] = groups[0]["params"] + groups.pop(1)["params"]  # two groups as one
+    torch.save(checkpoint, last)
+    with pytest.raises(SystemExit, match=f"{last}: its optimizer state does not fit this code's parameter groups"):
+        train.main(["--resume", str(last), "--workers", "0"])
+
+
 @pytest.mark.parametrize("change, error", [
     (rename_a_class, r"the classes of the data \(arrow, circle, square\) are not the run's \(circle, square, tri"),
     (add_a_training_image, r"the training images are not the run's: files were added, removed"),
@@ -831,6 +843,44 @@ def test_muon_orthogonalises_the_update_of_a_convolution_filter():
         filters.grad = torch.randn_like(filters)
         optimizer.step()
     assert before.norm() < filters.norm() < 1.2 * before.norm()
+
+
+def tiny_vit():
+    from torchvision.models import VisionTransformer
+    return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                             num_classes=3)
+
+
+def tiny_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
+
+
+@pytest.mark.parametrize("build,not_muon", [(tiny_vit, ["class_token", "encoder.pos_embedding"]),
+                                            (tiny_convnext, ["features.1.0.layer_scale", "features.3.0.layer_scale"])])
+def test_muon_takes_the_weights_of_linear_maps_not_tokens_or_scales(build, not_muon):
+    """Muon steps the filters of convolutions and the matrices of hidden linear layers (attention's in-projection
+    too), not what merely has 2 dimensions or more: a ViT's class token (zeros: Muon's kept norm made it NaN at the
+    first step) and position embedding, a ConvNeXt's layer scales (1e-6, which Muon set back to before each fixed-
+    size step) go with the rest, and train."""
+    torch.manual_seed(0)
+    model = build()
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizer = train.make_optimizer(model, recipe_args("--opt", "muon", "--lr", "0.1"), torch.device("cpu"))
+    muon = {names[id(p)] for group in optimizer.param_groups if group["orthogonalize"] for p in group["params"]}
+    assert not muon & set(not_muon)
+    assert any(name.endswith("in_proj_weight") for name in muon) == (build is tiny_vit)
+    assert any(name.endswith("conv_proj.weight") or name.startswith("features.0.0.") for name in muon)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for _ in range(2):
+        train.set_lr(optimizer, 0.1)
+        model(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    for name in not_muon:
+        assert not torch.equal(before[name], model.get_parameter(name)), name
 
 
 @pytest.mark.parametrize("shape", [(64, 576), (300, 40)])
