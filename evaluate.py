@@ -89,7 +89,8 @@ def evaluate_multilabel(model, loader, device, num_classes, preprocess, amp="off
     scores = torch.cat(scores) if scores else torch.zeros(0, num_classes, device=device)
     labels = torch.cat(labels) if labels else torch.zeros(0, num_classes, device=device)
     scores, labels = torch.cat(utils.all_gather(scores.cpu())), torch.cat(utils.all_gather(labels.cpu()))
-    loss = F.binary_cross_entropy_with_logits(scores, labels).item() if len(scores) else 0.0
+    # summed over an image's labels, averaged over the images: training's loss (train.make_criterion)
+    loss = F.binary_cross_entropy_with_logits(scores, labels, reduction="sum").item() / max(len(scores), 1)
     predicted, truth = scores.sigmoid() >= threshold, labels > 0.5
     tp, fp, fn = (predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0)
     f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)

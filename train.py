@@ -425,8 +425,13 @@ def whiten_stem(model, train_loader, normalize, log):
 
 
 def make_criterion(task, label_smoothing):
-    """The training loss of a batch's logits: cross-entropy, or for multilabel binary cross-entropy per label."""
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing) if task == "single" else nn.BCEWithLogitsLoss()
+    """The training loss of a batch's logits: cross-entropy, or for multilabel binary cross-entropy summed over an
+    image's labels (averaged over them too, every label's gradient, and SGD's step, would shrink as labels are
+    added), both averaged over the images."""
+    if task == "single":
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    summed = nn.BCEWithLogitsLoss(reduction="sum")
+    return lambda logits, targets: summed(logits, targets) / len(logits)
 
 
 # -----------------------------------------------------------------------------

@@ -222,3 +222,27 @@ def test_multilabel_metrics_on_known_scores():
     assert evaluate.average_precision(scores, truth).item() == pytest.approx((1 + 2 / 4 + 3 / 5) / 3)
     multi_hot = data.index_labels([("a.jpg", ["y", "x"])], ["x", "y", "z"], "t.csv", multilabel=True)[0][1]
     assert multi_hot.tolist() == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("classes", [2, 1000])
+def test_multilabel_loss_is_summed_over_an_images_labels(classes):
+    """Binary cross-entropy summed over an image's labels and averaged over the images, in training and in
+    evaluation: a label's gradient does not shrink as labels are added (averaged over the labels as well, it was
+    divided by their number, and so was every SGD step: on 12 labels SGD's val mAP was 40.5%, AdamW's 61.5%)."""
+    import evaluate
+    import train
+    logits = torch.zeros(4, classes, requires_grad=True)
+    targets = torch.zeros(4, classes)
+    targets[:, 0] = 1
+    loss = train.make_criterion("multilabel", 0.0)(logits, targets)
+    loss.backward()
+    assert loss.item() == pytest.approx(classes * torch.log(torch.tensor(2.0)).item())  # each label: log 2
+    assert logits.grad[:, 0].tolist() == pytest.approx([-0.5 / 4] * 4)  # sigmoid(0) - 1, over 4 images
+    batches = [(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), targets)]
+
+    class Zeros(torch.nn.Module):
+        def forward(self, images):
+            return torch.zeros(len(images), classes)
+    metrics = evaluate.evaluate_multilabel(Zeros(), batches, torch.device("cpu"), classes, data.eval_preprocess(8))
+    assert metrics["loss"] == pytest.approx(loss.item())
+
