@@ -375,7 +375,8 @@ def recipe_defaults(args, model_name, train_images, world_size, log):
     settled = {"opt": opt, **{name: value for name, value in recipe.items() if getattr(args, name, 0) is None}}
     if args.batch_size is None:
         largest = train_images // (MIN_STEPS_PER_EPOCH * world_size * args.accum_steps)
-        settled["batch_size"] = max(1, min(recipe["batch"], 2 ** int(math.log2(max(largest, 1)))))
+        # 2 or more: BatchNorm cannot train on one image where a layer's output is 1x1 (resnet18 at 32 px)
+        settled["batch_size"] = max(2, min(recipe["batch"], 2 ** int(math.log2(max(largest, 1)))))
     images_per_update = settled.get("batch_size", args.batch_size) * world_size * args.accum_steps
     lr_factor = (images_per_update / recipe["batch"]) ** {"linear": 1.0, "sqrt": 0.5}[recipe["lr_scaling"]]
     for name in ("lr", "muon_lr"):
@@ -413,6 +414,11 @@ def make_model(args, classes, world_size, device, log):
         frozen = freeze(model, -1 if args.freeze_backbone else args.freeze, log)
         if not (args.pretrained or args.weights):
             log("warning: --freeze without --pretrained or --weights: the frozen stages keep their random weights")
+    frozen_modules = {id(m) for stage in frozen for m in stage.modules()}  # their BatchNorm uses its statistics
+    if args.batch_size == 1 and not (args.sync_bn and world_size > 1) and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen_modules for m in model.modules()):
+        raise SystemExit("error: -b 1: the model's BatchNorm layers need 2 or more images a batch in each process to "
+                         "train; give -b 2 or more (--accum-steps adds images to an update, not to a batch)")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     return model.to(device, memory_format=memory_format), frozen
 

@@ -633,6 +633,19 @@ def test_default_run_learns_the_shapes(tmp_path):
     assert 100 * right / len(predicted) == pytest.approx(in_fp32["top1"]) and in_fp32["top1"] >= 95
 
 
+def test_a_tiny_set_trains_a_batchnorm_net_two_images_a_batch(tmp_path):
+    """Under 32 images the batch that gives 16 steps an epoch would be 1, on which BatchNorm cannot train (resnet18
+    at 32 px ends at 1x1: torch's ValueError "Expected more than 1 value per channel"): the default batch is 2 or
+    more, and -b 1 given with a BatchNorm net is an error that says what to do."""
+    folder = write_image_folder(tmp_path / "data", classes=("circle", "square"), n_train=12, n_val=2)  # 24 images
+    flags = ["--data", str(folder), "--model", "resnet18", "--img-size", "32", "--epochs", "1", "--workers", "0"]
+    result = run_script("train.py", *flags, "--output-dir", tmp_path / "run")
+    assert " --batch-size 2 " in result.stdout and (tmp_path / "run" / "last.pt").is_file()
+    with pytest.raises(SystemExit, match="error: -b 1: the model's BatchNorm layers need 2 or more images a batch in "
+                                         "each process to train; give -b 2 or more"):
+        train.main([*flags, "-b", "1", "--output-dir", str(tmp_path / "one")])
+
+
 def test_small_photo_set_from_a_csv_whose_first_file_is_truncated(tmp_path):
     """244 training / 153 val photos of mixed sizes, non-square, every default (resnet18 from scratch, 96 px, the
     cache, resized crops). With a batch of 64 (3 steps per epoch) and its lr, this run once gave train loss 5.3 in
