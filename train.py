@@ -457,7 +457,7 @@ def lr_at(step, total_steps, warmup_steps, base_lr, min_lr, decay="cosine"):
 def linear_map_weights(model):
     """The filters of convolutions and the matrices of linear layers, attention's projections included: what Muon
     steps. Not class tokens, position embeddings or layer scales, which have 2 dimensions or more but map nothing
-    (Muon keeps a matrix's norm: a class token of zeros became NaN, a layer scale's size followed the lr alone)."""
+    (Muon keeps a matrix's norm: it would make a class token of zeros NaN, and a layer scale as large as the lr)."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             yield module.weight
