@@ -417,9 +417,10 @@ def make_model(args, classes, world_size, device, log):
         frozen = freeze(model, -1 if args.freeze_backbone else args.freeze, log)
         if not (args.pretrained or args.weights):
             log("warning: --freeze without --pretrained or --weights: the frozen stages keep their random weights")
-    frozen_modules = {id(m) for stage in frozen for m in stage.modules()}  # their BatchNorm uses its statistics
+    model.train()
+    keep_frozen_in_eval(frozen)  # as training runs it: the BatchNorm layers in training mode are those that train
     if args.batch_size == 1 and not (args.sync_bn and world_size > 1) and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in frozen_modules for m in model.modules()):
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
         raise SystemExit("error: -b 1: the model's BatchNorm layers need 2 or more images a batch in each process to "
                          "train; give -b 2 or more (--accum-steps adds images to an update, not to a batch)")
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
