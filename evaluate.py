@@ -4,6 +4,7 @@
     python evaluate.py --ckpt runs/exp/best.pt --data DATA --split test --json metrics.json
     python evaluate.py --ckpt runs/exp/best.pt --data DATA --tta       # test-time augmentation: flips and shifts
     python evaluate.py --ckpt runs/exp/best.pt --data held_out/        # held_out/<class>/*.jpg, no train/
+    python evaluate.py --ckpt runs/exp/best.pt --val-csv val.csv       # the run's --train-csv: the rows it held out
     torchrun --nproc_per_node 2 evaluate.py --ckpt runs/exp/best.pt --data DATA
 
 `evaluate()` is also what train.py calls after every epoch. Each process evaluates its own shard
@@ -170,12 +171,38 @@ def write_csv(metrics, classes, path):
         csv.writer(f).writerows([header, *rows])
 
 
+def csv_split(samples, split, path, checkpoint, log):
+    """The samples of a CSV to evaluate: all, or for the run's own --train-csv (known by its files, or its path)
+    the split the run made of it: the rows it held out (--split val) or those it trained on (--split train)."""
+    train_args, digests = checkpoint["args"], checkpoint.get("files")  # no digests: a run of older code
+    held_out = train_args.get("val_csv") is None  # the run validated on --val-fraction of its --train-csv's rows
+    train, val = data.stratified_split(samples, train_args["val_fraction"], train_args["seed"]) if held_out else (
+        samples, [])
+    same_files = digests is not None and data.files_digest(train) == digests["train"]
+    same_path = bool(train_args.get("train_csv")) and Path(train_args["train_csv"]).resolve() == Path(path).resolve()
+    if not (same_files or same_path):
+        if split != "val":
+            raise SystemExit(f"error: --split {split}: {path} is not the run's --train-csv, whose splits --split "
+                             "picks; leave --split out to evaluate on all of it")
+        return samples
+    if digests is not None and not same_files:
+        log(f"warning: the rows of {path}, the run's --train-csv, changed since the run (files added, removed or "
+            "renamed): the split below is not the run's and may hold images the model trained on")
+    if split == "val" and not held_out:
+        log(f"warning: {path} is the run's --train-csv: the model trained on every image in it")
+        return samples
+    chosen, what = (train, "it trained on") if split == "train" else (val, "it held out for validation")
+    log(f"data: {path} is the run's --train-csv: evaluating on the {len(chosen)} rows {what} (--split)")
+    return chosen
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
     p.add_argument("--data", help="dataset folder: train/ and val/ (valid/) or test/, or a held-out set alone")
     p.add_argument("--val-csv", help="instead of --data: a CSV of images and labels (the training run's columns)")
-    p.add_argument("--split", default="val", choices=["val", "test", "train"], help="which split (default: val)")
+    p.add_argument("--split", default="val", choices=["val", "test", "train"],
+                   help="which split of --data or of the run's --train-csv (default: val)")
     p.add_argument("-b", "--batch-size", type=int, help="per process (default: the training batch size)")
     p.add_argument("-j", "--workers", type=int, help="loader processes per process (default: as train.py)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
@@ -194,6 +221,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if (args.data is None) == (args.val_csv is None):
         parser.error("give one of --data and --val-csv")
+    if args.val_csv and args.split == "test":
+        parser.error("--split test is DATA/test: a --val-csv is the set itself")
     utils.check_ranges(parser, args, {"batch_size": "[1, inf)", "workers": "[0, inf)", "topk": "[1, inf)"})
     for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
         if path and Path(path).exists() and Path(path).samefile(args.ckpt):
@@ -214,6 +243,7 @@ def main(argv=None):
         rows = data.read_labelled_csv(args.val_csv, columns, data.parse_class_list(train_args.get("classes")), ignore,
                                       multilabel, log)
         samples = data.scan_images(data.index_labels(rows, classes, args.val_csv, multilabel), log=log)
+        samples = csv_split(samples, args.split, args.val_csv, checkpoint, log)
     else:
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)

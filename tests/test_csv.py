@@ -45,6 +45,12 @@ def test_train_and_evaluate_from_csv(csv_dataset, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["count"] == 12 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
     assert metrics["per_class_count"] == [6, 6]
+    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", tmp_path / "train.csv")
+    assert "the model trained on every image in it" in evaluated.stdout  # the run's --train-csv, not a val set
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    (tmp_path / "train.csv").write_text("\n".join(lines[:-1]) + "\n")  # known by its path, its rows now other
+    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", tmp_path / "train.csv")
+    assert "changed since the run" in evaluated.stdout and "trained on every image" in evaluated.stdout
 
 
 def test_csv_integer_ids_and_class_list(csv_dataset, tmp_path):
@@ -181,9 +187,10 @@ def multilabel_csv(tmp_path_factory):
 
 
 def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path):
+    """Without --val-csv the run holds out rows of its --train-csv; evaluate.py given that CSV evaluates those
+    rows (once, every row: 90% of them images the model trained on, and a score far above the run's)."""
     out = tmp_path / "ml"
     result = run_script("train.py", "--train-csv", multilabel_csv / "train.csv",
-                        "--val-csv", multilabel_csv / "val.csv",
                         "--task", "multilabel", "--label-delimiter", ";", "--img-size", 32, "--epochs", 2,
                         "--model", "smallnet_tiny", "-b", 8, "--workers", 0, "--output-dir", out)
     assert "F1" in result.stdout and "mAP" in result.stdout
@@ -192,12 +199,27 @@ def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path)
     assert {"val_f1", "val_macro_f1", "val_map"} <= set(rows[0]) and len(rows) == 2
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["best_score"] == pytest.approx(max(float(r["val_f1"]) for r in rows), abs=1e-3)
-    assert best["best_score"] == best["metrics"]["f1"]
-    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "val.csv",
+    assert best["best_score"] == best["metrics"]["f1"] and best["metrics"]["count"] == 5  # 10% of 48
+    for split, count in (("val", 5), ("train", 43)):
+        evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "train.csv",
+                               "--split", split, "--json", tmp_path / "m.json")
+        metrics = json.loads((tmp_path / "m.json").read_text())
+        assert metrics["count"] == count, evaluated.stdout
+    assert "the 43 rows it trained on" in evaluated.stdout
+    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "train.csv",
                            "--json", tmp_path / "m.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["count"] == 12 and metrics["f1"] == pytest.approx(best["metrics"]["f1"], abs=1e-3)
+    assert metrics["f1"] == pytest.approx(best["metrics"]["f1"], abs=1e-3)
     assert "precision" in evaluated.stdout and "recall" in evaluated.stdout
+    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "val.csv",
+                           "--split", "train", check=False)  # another CSV: no split of the run's to pick
+    assert evaluated.returncode != 0 and "--split train" in evaluated.stderr
+    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "train.csv",
+                           "--split", "test", check=False)
+    assert evaluated.returncode == 2 and "--split test is DATA/test" in evaluated.stderr
+    run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "val.csv", "--json",
+               tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["count"] == 12
     predicted = json.loads(run_script("predict.py", multilabel_csv / "images", "--ckpt", out / "best.pt",
                                       "--threshold", 0.3, "--json").stdout)
     assert len(predicted) == 60
