@@ -58,6 +58,10 @@ FLAG_RANGES = {  # the values a numeric flag takes: another is an error, not a r
     "lr": "(0, inf)",  # an lr of 0 trains nothing, and Muon's filters' lr is set as a multiple of it
 }
 NO_EFFECT = {  # flags that other settings ignore: given with them, a warning says so
+    "val_fraction": (lambda a: a.val_csv or not a.train_csv and data.find_val_dir(a.data),
+                     "with a val/ folder or --val-csv"),
+    **dict.fromkeys(["image_column", "label_column", "label_delimiter"],
+                    (lambda a: not a.train_csv, "without --train-csv")),
     "momentum": (lambda a: a.opt == "adamw", "with --opt adamw"),
     "muon_lr": (lambda a: a.opt != "muon", "without --opt muon"),
     "muon_momentum": (lambda a: a.opt != "muon", "without --opt muon"),

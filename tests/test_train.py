@@ -762,10 +762,13 @@ def test_a_flag_that_the_other_settings_ignore_is_a_warning(image_folder, tmp_pa
     did nothing, silently. The settings that do use them, and flags left at their defaults, warn of nothing."""
     messages = []
     given = ["--opt", "adamw", "--momentum", "0.8", "--train-crop", "resized", "--crop-padding", "3",
-             "--model-ema-decay", "0.99", "--muon-lr", "0.1", "--min-scale", "0.3"]
+             "--model-ema-decay", "0.99", "--muon-lr", "0.1", "--min-scale", "0.3", "--val-fraction", "0.2",
+             "--label-column", "tags"]
     train.load_data(train.parse_args(["--data", str(image_folder), *given]), tmp_path, 0, 1, CPU, messages.append)
     warnings = [m for m in messages if m.startswith("warning: ")]
-    assert warnings == ["warning: --momentum does nothing with --opt adamw",
+    assert warnings == ["warning: --val-fraction does nothing with a val/ folder or --val-csv",
+                        "warning: --label-column does nothing without --train-csv",
+                        "warning: --momentum does nothing with --opt adamw",
                         "warning: --muon-lr does nothing without --opt muon",
                         "warning: --crop-padding does nothing with --train-crop resized",
                         "warning: --model-ema-decay does nothing without --model-ema"], warnings
