@@ -133,6 +133,10 @@ TORCHVISION_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": True, "transform_input": True},
     "inception_v3": {"aux_logits": False, "init_weights": True, "transform_input": True},
 }
+# torchvision draws these heads' weights in a range of 1/sqrt(num_classes), made for ImageNet's 1,000: for 2 classes
+# 22x wider (a first epoch's train loss of 5 on 2 classes), which the first steps spend undoing, through the
+# backbone too (a pretrained one). Their heads start as with 1,000 classes.
+CLASS_SCALED_HEADS = ("efficientnet", "mnasnet")
 
 
 def torchvision_models():
@@ -172,6 +176,9 @@ def build_model(name, num_classes, pretrained=False, weights=None, log=print, cl
         model = OWN_MODELS[name](num_classes=num_classes)
     else:
         model = torchvision_models().get_model(name, num_classes=num_classes, **TORCHVISION_KWARGS.get(name, {}))
+        if name.startswith(CLASS_SCALED_HEADS):
+            with torch.no_grad():
+                model.get_submodule(head_name(model)).weight.mul_((num_classes / 1000) ** 0.5)
     if pretrained:
         load_matching(model, download_weights(name), "torchvision's default weights", log)
     if weights:
