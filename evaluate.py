@@ -263,6 +263,7 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     task = train_args.get("task", "single")
     amp = args.amp or utils.fast_amp(train_args["amp"], device)  # a run trained where bf16 is fast, evaluated where not
+    utils.warn_if_emulated(amp, device, log)
     metrics = EVALUATE[task](model, loader, device, len(classes), preprocess, amp, channels_last, args.topk, args.tta)
 
     split = f" ({args.split})" if args.data and Path(args.data, "train").is_dir() else ""  # else the folder is the set

@@ -106,6 +106,7 @@ def main(argv=None):
     paths = expand_inputs(args.inputs)
     device = utils.get_device(args.device)
     model, classes, preprocess, multilabel, amp = load_for_prediction(args.ckpt, device)
+    utils.warn_if_emulated(args.amp or amp, device, partial(print, file=sys.stderr))
     threshold = args.threshold if multilabel else None
     workers = data.default_workers(device) if args.workers is None else args.workers
     results = predict(model, paths, preprocess, device, args.batch_size, args.topk, threshold, args.amp or amp,

@@ -311,9 +311,8 @@ def load_data(args, output_dir, local_rank, world_size, device, log):
     if args.amp is None:  # rank 0's: DDP averages the gradients of every process, scaled up in fp16 and not in bf16
         settled["amp"] = utils.broadcast_object(utils.native_amp(device))
         log(f"amp: {settled['amp']}, what this {device.type} computes fast (--amp)")
-    elif utils.fast_amp(args.amp, device) != args.amp:
-        log(f"warning: --amp {args.amp} is emulated on this {device.type}: many times slower than --amp "
-            f"{utils.native_amp(device)}, what it computes fast")
+    else:
+        utils.warn_if_emulated(args.amp, device, log)
     if args.data is None and args.train_csv is None:
         if local_rank == 0:
             log(f"data: no --data given: training on generated shapes in {SHAPES_DIR} (written once)")

@@ -230,6 +230,13 @@ def fast_amp(amp, device):
     return amp if fast else native_amp(device)
 
 
+def warn_if_emulated(amp, device, log):
+    """A warning for an --amp given that `device` only emulates (a GPU command run on a CPU): many times slower."""
+    if fast_amp(amp, device) != amp:
+        log(f"warning: --amp {amp} is emulated on this {device.type}: many times slower than --amp "
+            f"{native_amp(device)}, what it computes fast")
+
+
 def autocast(device, amp):
     """Mixed precision context for "bf16" | "fp16" | "off"."""
     dtype = AMP_DTYPES[amp]

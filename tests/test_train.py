@@ -313,10 +313,13 @@ def test_a_mac_before_macos_14_trains_in_float32(monkeypatch, macos_14):
     assert utils.native_amp(torch.device("mps")) == ("bf16" if macos_14 else "off")
 
 
-def test_a_cpu_without_bf16_units_trains_and_evaluates_in_float32(image_folder, trained_run, tmp_path, monkeypatch):
+def test_a_cpu_without_bf16_units_trains_and_evaluates_in_float32(image_folder, trained_run, tmp_path, monkeypatch,
+                                                                  capsys):
     """Emulated bf16 is slower than float32, 15x on a CPU without AVX-512: where the CPU has no bf16 instructions,
-    --amp is off by default, in training and in evaluate.py of a run trained in bf16 or fp16 on a GPU."""
+    --amp is off by default, in training and in evaluate.py of a run trained in bf16 or fp16 on a GPU; given,
+    it is a warning in evaluate.py and predict.py, as in train.py."""
     import evaluate
+    import predict
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, name, lambda: False)
     train.main(["--data", str(image_folder), "--epochs", "1", *TINY, "--output-dir", str(tmp_path / "run")])
@@ -330,6 +333,12 @@ def test_a_cpu_without_bf16_units_trains_and_evaluates_in_float32(image_folder, 
         torch.save(checkpoint, tmp_path / f"{amp}.pt")
         evaluate.main(["--ckpt", str(tmp_path / f"{amp}.pt"), "--data", str(image_folder), "--workers", "0"])
     assert used == ["off", "off"]
+    assert "emulated" not in capsys.readouterr().out
+    evaluate.main(["--ckpt", str(tmp_path / "bf16.pt"), "--data", str(image_folder), "--workers", "0", "--amp", "bf16"])
+    predict.main([str(image_folder / "val"), "--ckpt", str(tmp_path / "bf16.pt"), "--workers", "0", "--amp", "bf16"])
+    output = capsys.readouterr()
+    assert used[-1] == "bf16" and "warning: --amp bf16 is emulated on this cpu" in output.out
+    assert "warning: --amp bf16 is emulated on this cpu" in output.err  # predict.py's stdout is its results
 
 
 def test_progress_lines_go_to_a_log_file_in_the_epoch(image_folder, tmp_path, monkeypatch, capsys):
