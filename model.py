@@ -276,6 +276,9 @@ def freeze(model, count, log=print):
     frozen = [module for _, module in all_stages[:count]]
     for module in frozen:
         module.requires_grad_(False)
+    if count:  # parameters of the model itself, in no stage (a ViT's class token): the embedding's, frozen with it
+        for p in model.parameters(recurse=False):
+            p.requires_grad_(False)
     log(f"model: froze {count} of {len(all_stages)} stages; training {', '.join(n for n, _ in all_stages[count:])}")
     return frozen
 

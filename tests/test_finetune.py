@@ -67,6 +67,20 @@ def test_freeze_first_stages(image_folder, tmp_path):
     assert not net.bn1.training and net.layer2[0].bn1.training
 
 
+def test_freezing_a_vit_freezes_its_class_token():
+    """torchvision's ViTs keep their class token on the model itself, in no stage: --freeze-backbone (a linear
+    probe) trained it too, and through it what the encoder computes."""
+    from torchvision.models import VisionTransformer
+    def trained_after_freezing(count):
+        net = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                                num_classes=3)
+        models.freeze(net, count, lambda *_: None)
+        return {name for name, p in net.named_parameters() if p.requires_grad}
+    assert trained_after_freezing(-1) == {"heads.head.weight", "heads.head.bias"}
+    trained = trained_after_freezing(1)  # the embedding: conv_proj and the class token
+    assert not {"conv_proj.weight", "class_token"} & trained and "encoder.pos_embedding" in trained
+
+
 @pytest.mark.parametrize("name", ["smallnet_tiny", "squeezenet1_1"])  # a Linear head, a convolution head
 def test_dropout_applies_in_training_only_and_keeps_the_state_dict(name):
     net = models.build_model(name, 3, log=lambda *_: None)
