@@ -85,8 +85,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or a .torchscript file of export.py")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image (default: 5)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--topk", type=int, help="single-label: classes to show per image (default: 5)")
+    p.add_argument("--threshold", type=float,
                    help="multilabel: every class with at least this probability (default: 0.5)")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("-j", "--workers", type=int, help="loader processes (default: as train.py)")
@@ -106,10 +106,15 @@ def main(argv=None):
     paths = expand_inputs(args.inputs)
     device = utils.get_device(args.device)
     model, classes, preprocess, multilabel, amp = load_for_prediction(args.ckpt, device)
-    utils.warn_if_emulated(args.amp or amp, device, partial(print, file=sys.stderr))
-    threshold = args.threshold if multilabel else None
+    warn = partial(print, file=sys.stderr)  # stdout is the results'
+    utils.warn_if_emulated(args.amp or amp, device, warn)
+    if multilabel and args.topk is not None:
+        warn("warning: --topk does nothing with a multilabel model (--threshold picks the labels)")
+    if not multilabel and args.threshold is not None:
+        warn("warning: --threshold does nothing with a single-label model")
+    threshold = (0.5 if args.threshold is None else args.threshold) if multilabel else None
     workers = data.default_workers(device) if args.workers is None else args.workers
-    results = predict(model, paths, preprocess, device, args.batch_size, args.topk, threshold, args.amp or amp,
+    results = predict(model, paths, preprocess, device, args.batch_size, args.topk or 5, threshold, args.amp or amp,
                       workers, args.tta)
     if not results:
         raise SystemExit("error: none of the inputs could be read as an image")

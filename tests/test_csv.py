@@ -220,8 +220,10 @@ def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path)
     run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "val.csv", "--json",
                tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text())["count"] == 12
-    predicted = json.loads(run_script("predict.py", multilabel_csv / "images", "--ckpt", out / "best.pt",
-                                      "--threshold", 0.3, "--json").stdout)
+    predicted = run_script("predict.py", multilabel_csv / "images", "--ckpt", out / "best.pt", "--threshold", 0.3,
+                           "--topk", 2, "--json")
+    assert "warning: --topk does nothing with a multilabel model (--threshold picks the labels)" in predicted.stderr
+    predicted = json.loads(predicted.stdout)
     assert len(predicted) == 60
     assert all(p["probability"] >= 0.3 for r in predicted for p in r["predictions"])
     assert any(len(r["predictions"]) != 1 for r in predicted)  # a set of labels, not a top-k list
