@@ -391,6 +391,21 @@ def check_repeats(rows, csv_path, log):
     return [(path, labels) for path, labels, _ in rows]
 
 
+LIST_SEPARATORS = ";|,"  # in a label cell that no --label-delimiter splits: most likely a list of labels
+
+
+def warn_of_listed_labels(rows, csv_path, multilabel, log):
+    """A warning with the count when label cells that no --label-delimiter splits look like lists: each such
+    cell is a class of its own (circle;square), which is rarely what was meant."""
+    listed = [labels[0] for _, labels in rows if len(labels) == 1 and any(c in labels[0] for c in LIST_SEPARATORS)]
+    if listed:
+        separator = next(c for c in LIST_SEPARATORS if c in listed[0])
+        flags = "--label-delimiter" if multilabel else "--task multilabel --label-delimiter"
+        log(f"warning: {len(listed)} label cell(s) of {csv_path} look like lists ({listed[0]}): without "
+            f"--label-delimiter each cell is one label, a class of its own; if they list several labels, give "
+            f"{flags} '{separator}'")
+
+
 def is_class_id(label):
     """Whether a CSV label is an integer id (0..K-1): 7, not 007 (a code, so a name) or 7.0."""
     return label.isdecimal() and label == str(int(label))
@@ -447,6 +462,8 @@ def load_csv_samples(train_csv, val_csv=None, columns=("image", "label", None), 
                      log=print, strict=False, wanted=None, ignore=(), multilabel=False):
     """(classes, train samples, val samples) of CSV files: like load_samples, with the labels in a column."""
     train_rows = name_labels(read_csv_samples(train_csv, *columns, log=log), wanted)
+    if columns[2] is None:
+        warn_of_listed_labels(train_rows, train_csv, multilabel, log)
     found = sorted({label for _, labels in train_rows for label in labels})
     if found and all(map(is_class_id, found)):  # ids that name themselves: every id up to the largest
         found = [str(i) for i in range(max(map(int, found)) + 1)]

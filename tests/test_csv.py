@@ -114,6 +114,25 @@ def test_an_image_listed_twice(csv_dataset):
     assert any(m.startswith("warning: 2 image(s) of ") and "leak.csv are also in " in m for m in messages), messages
 
 
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_label_cells_that_look_like_lists_without_a_delimiter_are_a_warning(csv_dataset, multilabel):
+    """Without --label-delimiter a cell is one label: "circle;square" became a class of its own, silently."""
+    rows = list(csv.reader(open(csv_dataset / "train.csv")))[1:]
+    listed = [(path, "circle;square" if i % 4 == 0 else label) for i, (path, label) in enumerate(rows)]
+    write_csv(csv_dataset / "lists.csv", listed)
+    messages = []
+    classes, _, _ = data.load_csv_samples(csv_dataset / "lists.csv", log=messages.append, multilabel=multilabel)
+    assert "circle;square" in classes
+    hint = "--task multilabel --label-delimiter" if not multilabel else "--label-delimiter"
+    warning = [m for m in messages if "look like lists" in m]
+    assert warning == [f"warning: 12 label cell(s) of {csv_dataset / 'lists.csv'} look like lists (circle;square): "
+                       f"without --label-delimiter each cell is one label, a class of its own; if they list several "
+                       f"labels, give {hint} ';'"], messages
+    messages.clear()
+    data.load_csv_samples(csv_dataset / "train.csv", log=messages.append, multilabel=multilabel)
+    assert not [m for m in messages if "look like lists" in m]
+
+
 def test_csv_path_leaving_its_folder_is_refused(csv_dataset, tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
