@@ -27,7 +27,7 @@ def csv_dataset(tmp_path_factory):
     return root
 
 
-def test_train_and_evaluate_from_csv(csv_dataset, tmp_path):
+def test_train_and_evaluate_from_csv(csv_dataset, tmp_path, capsys):
     """Integer ids as labels, one of them ignored: the run trains on the other two, and evaluate.py leaves the
     ignored class's rows of the val CSV out as the run did."""
     names = ["circle", "square", "triangle"]
@@ -45,12 +45,15 @@ def test_train_and_evaluate_from_csv(csv_dataset, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["count"] == 12 and metrics["top1"] == pytest.approx(checkpoint["metrics"]["top1"])
     assert metrics["per_class_count"] == [6, 6]
-    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", tmp_path / "train.csv")
-    assert "the model trained on every image in it" in evaluated.stdout  # the run's --train-csv, not a val set
+    import evaluate
+    ckpt = ["--ckpt", str(out / "best.pt"), "--workers", "0", "--val-csv", str(tmp_path / "train.csv")]
+    evaluate.main(ckpt)
+    assert "the model trained on every image in it" in capsys.readouterr().out  # the run's --train-csv
     lines = (tmp_path / "train.csv").read_text().splitlines()
     (tmp_path / "train.csv").write_text("\n".join(lines[:-1]) + "\n")  # known by its path, its rows now other
-    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", tmp_path / "train.csv")
-    assert "changed since the run" in evaluated.stdout and "trained on every image" in evaluated.stdout
+    evaluate.main(ckpt)
+    evaluated = capsys.readouterr().out
+    assert "changed since the run" in evaluated and "trained on every image" in evaluated
 
 
 def test_csv_integer_ids_and_class_list(csv_dataset, tmp_path):
@@ -205,7 +208,7 @@ def multilabel_csv(tmp_path_factory):
     return root
 
 
-def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path):
+def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path, capsys):
     """Without --val-csv the run holds out rows of its --train-csv; evaluate.py given that CSV evaluates those
     rows (once, every row: 90% of them images the model trained on, and a score far above the run's)."""
     out = tmp_path / "ml"
@@ -219,26 +222,21 @@ def test_multilabel_training_evaluation_and_prediction(multilabel_csv, tmp_path)
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["best_score"] == pytest.approx(max(float(r["val_f1"]) for r in rows), abs=1e-3)
     assert best["best_score"] == best["metrics"]["f1"] and best["metrics"]["count"] == 5  # 10% of 48
-    for split, count in (("val", 5), ("train", 43)):
-        evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "train.csv",
-                               "--split", split, "--json", tmp_path / "m.json")
-        metrics = json.loads((tmp_path / "m.json").read_text())
-        assert metrics["count"] == count, evaluated.stdout
-    assert "the 43 rows it trained on" in evaluated.stdout
     evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "train.csv",
                            "--json", tmp_path / "m.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["f1"] == pytest.approx(best["metrics"]["f1"], abs=1e-3)
+    assert metrics["count"] == 5 and metrics["f1"] == pytest.approx(best["metrics"]["f1"], abs=1e-3)
     assert "precision" in evaluated.stdout and "recall" in evaluated.stdout
-    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "val.csv",
-                           "--split", "train", check=False)  # another CSV: no split of the run's to pick
-    assert evaluated.returncode != 0 and "--split train" in evaluated.stderr
-    evaluated = run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "train.csv",
-                           "--split", "test", check=False)
-    assert evaluated.returncode == 2 and "--split test is DATA/test" in evaluated.stderr
-    run_script("evaluate.py", "--ckpt", out / "best.pt", "--val-csv", multilabel_csv / "val.csv", "--json",
-               tmp_path / "m.json")
-    assert json.loads((tmp_path / "m.json").read_text())["count"] == 12
+    import evaluate
+    ckpt = ["--ckpt", str(out / "best.pt"), "--workers", "0", "--val-csv"]
+    assert evaluate.main([*ckpt, str(multilabel_csv / "train.csv"), "--split", "train"])["count"] == 43
+    assert "the 43 rows it trained on" in capsys.readouterr().out
+    assert evaluate.main([*ckpt, str(multilabel_csv / "val.csv")])["count"] == 12
+    with pytest.raises(SystemExit, match="--split train: .*val.csv is not the run's --train-csv"):
+        evaluate.main([*ckpt, str(multilabel_csv / "val.csv"), "--split", "train"])  # no split of the run's to pick
+    with pytest.raises(SystemExit):
+        evaluate.main([*ckpt, str(multilabel_csv / "train.csv"), "--split", "test"])
+    assert "--split test is DATA/test" in capsys.readouterr().err
     predicted = run_script("predict.py", multilabel_csv / "images", "--ckpt", out / "best.pt", "--threshold", 0.3,
                            "--topk", 2, "--json")
     assert "warning: --topk does nothing with a multilabel model (--threshold picks the labels)" in predicted.stderr
