@@ -136,7 +136,7 @@ def get_args_parser():
     p.add_argument("--lr", type=float, help="peak lr (default: sgd 0.05 at batch 64, adamw 1e-3, muon 0.6 at 1024)")
     p.add_argument("--momentum", type=float, help="SGD momentum (default: 0.9, muon's SGD 0.85)")
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float,
-                   help="weight decay, not on norms and biases (default: sgd 5e-4, adamw 0.05, muon 2.42e-3)")
+                   help="weight decay of linear maps' weights (default: sgd 5e-4, adamw 0.05, muon 2.42e-3)")
     p.add_argument("--lr-warmup-epochs", type=float, help="linear warmup from 0, in epochs (default: 1, muon 0)")
     p.add_argument("--lr-min", type=float, default=0.0, help="learning rate at the last step (default: 0)")
     p.add_argument("--lr-scheduler", choices=["cosine", "linear"],
@@ -475,9 +475,11 @@ def linear_map_weights(model):
 
 def make_optimizer(model, args, device):
     """Nesterov SGD, AdamW, or Muon on the filters of convolutions and hidden linear layers with Nesterov SGD on
-    the rest. No weight decay on norm weights and biases (every 0- or 1-dimensional parameter). A parameter's
-    `lr_scale` attribute (our smallnet sets some) multiplies its learning rate, not its weight decay."""
+    the rest. Weight decay on the weights of linear maps alone (linear_map_weights): not on norms, biases, class
+    tokens, position embeddings or layer scales (timm's choice). A parameter's `lr_scale` attribute (our smallnet
+    sets some) multiplies its learning rate, not its weight decay."""
     head = model.get_submodule(head_name(model)).weight  # the last layer is no filter
+    maps = {id(p) for p in linear_map_weights(model)}
     filters = {id(p) for p in linear_map_weights(model) if p is not head} if args.opt == "muon" else set()
     groups = {}
     for p in (p for p in model.parameters() if p.requires_grad):
@@ -485,7 +487,7 @@ def make_optimizer(model, args, device):
         # the multipliers are for SGD steps, which grow with the gradient; AdamW's steps are about lr in size
         own_scale = getattr(p, "lr_scale", 1.0) if args.opt != "adamw" else 1.0
         lr_scale = args.muon_lr / args.lr if is_filter else own_scale
-        key = (p.ndim > 1 and not is_filter, is_filter, lr_scale)
+        key = (id(p) in maps and not is_filter, is_filter, lr_scale)  # Muon keeps a filter's norm: no decay
         groups.setdefault(key, []).append(p)
     # set_lr sets a group's lr to the schedule's x lr_scale; its weight decay is divided by lr_scale (airbench's
     # rule), so that every parameter loses the same lr x wd share of itself a step, whatever its scale

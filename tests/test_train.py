@@ -887,15 +887,20 @@ def tiny_convnext():
 
 @pytest.mark.parametrize("build,not_muon", [(tiny_vit, ["class_token", "encoder.pos_embedding"]),
                                             (tiny_convnext, ["features.1.0.layer_scale", "features.3.0.layer_scale"])])
-def test_muon_takes_the_weights_of_linear_maps_not_tokens_or_scales(build, not_muon):
+def test_muon_and_weight_decay_take_the_weights_of_linear_maps_not_tokens_or_scales(build, not_muon):
     """Muon steps the filters of convolutions and the matrices of hidden linear layers (attention's in-projection
     too), not what merely has 2 dimensions or more: a ViT's class token (zeros: Muon's kept norm made it NaN at the
     first step) and position embedding, a ConvNeXt's layer scales (1e-6, which Muon set back to before each fixed-
-    size step) go with the rest, and train."""
+    size step) go with the rest, and train. Nor does weight decay take them, with any optimizer (it pulled the
+    layer scales and the tokens to 0, as if they were weights; timm leaves them out too)."""
+    from model import head_name
     torch.manual_seed(0)
     model = build()
     names = {id(p): name for name, p in model.named_parameters()}
-    optimizer = train.make_optimizer(model, recipe_args("--opt", "muon", "--lr", "0.1"), torch.device("cpu"))
+    for opt in ("sgd", "adamw", "muon"):
+        optimizer = train.make_optimizer(model, recipe_args("--opt", opt, "--lr", "0.1"), torch.device("cpu"))
+        decayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] for p in group["params"]}
+        assert not decayed & set(not_muon) and f"{head_name(model)}.weight" in decayed, (opt, decayed)
     muon = {names[id(p)] for group in optimizer.param_groups if group["orthogonalize"] for p in group["params"]}
     assert not muon & set(not_muon)
     assert any(name.endswith("in_proj_weight") for name in muon) == (build is tiny_vit)
