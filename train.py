@@ -346,6 +346,9 @@ def load_data(args, output_dir, local_rank, world_size, device, log):
             "--pretrained (torchvision's ImageNet weights) is what helps most")
     settled.update(recipe_defaults(args, model_name, len(train_samples), world_size, log))
     settled_args = argparse.Namespace(**{**vars(args), **settled})
+    if settled_args.lr_min > settled_args.lr:  # the recipe's lr shrinks with the batch, which small sets shrink
+        raise SystemExit(f"error: --lr-min {args.lr_min:g} is above the peak lr, {settled_args.lr:.3g} here: the lr "
+                         "would rise instead of decay; lower --lr-min (or give --lr)")
     if not args.resume:  # a resumed run said so when it started
         warn_of_ignored_flags(args, settled_args, log)
     return settled_args, classes, train_samples, val_samples

@@ -768,6 +768,17 @@ def test_an_image_size_the_model_cannot_take_is_an_error(model, size, message, i
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_an_lr_min_above_the_peak_lr_is_an_error(image_folder, tmp_path):
+    """The peak lr comes from the recipe, scaled to the batch, which small sets shrink: an --lr-min above it made
+    the schedule rise instead of decay (SGD at batch 2 here: peak 0.0016, --lr-min 0.01), silently."""
+    args = train.parse_args(["--data", str(image_folder), "--opt", "sgd", "--lr-min", "0.01"])
+    with pytest.raises(SystemExit, match=r"--lr-min 0.01 is above the peak lr, 0.00156 here: .* lower --lr-min"):
+        train.load_data(args, tmp_path, 0, 1, CPU, lambda *_: None)
+    settled, *_ = train.load_data(train.parse_args(["--data", str(image_folder), "--lr", "0.01", "--lr-min", "0.01"]),
+                                  tmp_path, 0, 1, CPU, lambda *_: None)  # a constant lr
+    assert settled.lr == settled.lr_min == 0.01
+
+
 def test_a_flag_that_the_other_settings_ignore_is_a_warning(image_folder, tmp_path):
     """--momentum with AdamW, --crop-padding with resized crops, --model-ema-decay without --model-ema: given, they
     did nothing, silently. The settings that do use them, and flags left at their defaults, warn of nothing."""
