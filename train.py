@@ -465,9 +465,10 @@ def lr_at(step, total_steps, warmup_steps, base_lr, min_lr, decay="cosine"):
 
 
 def linear_map_weights(model):
-    """The filters of convolutions and the matrices of linear layers, attention's projections included: what Muon
-    steps. Not class tokens, position embeddings or layer scales, which have 2 dimensions or more but map nothing
-    (Muon keeps a matrix's norm: it would make a class token of zeros NaN, and a layer scale as large as the lr)."""
+    """The filters of convolutions and the matrices of linear layers, attention's projections included: what weight
+    decay and Muon take. Not class tokens, position embeddings or layer scales, which have 2 dimensions or more but
+    map nothing (Muon keeps a matrix's norm: it would make a class token of zeros NaN, and a layer scale as large
+    as the lr; decay would pull them to 0)."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             yield module.weight
@@ -482,8 +483,8 @@ def make_optimizer(model, args, device):
     tokens, position embeddings or layer scales (timm's choice). A parameter's `lr_scale` attribute (our smallnet
     sets some) multiplies its learning rate, not its weight decay."""
     head = model.get_submodule(head_name(model)).weight  # the last layer is no filter
-    maps = {id(p) for p in linear_map_weights(model)}
-    filters = {id(p) for p in linear_map_weights(model) if p is not head} if args.opt == "muon" else set()
+    maps = {id(p) for p in linear_map_weights(model)}  # weight decay's; Muon's too, but the head's
+    filters = maps - {id(head)} if args.opt == "muon" else set()
     groups = {}
     for p in (p for p in model.parameters() if p.requires_grad):
         is_filter = id(p) in filters
