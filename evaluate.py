@@ -251,6 +251,10 @@ def main(argv=None):
         if carved and checkpoint.get("files", {}).get("val") not in (None, data.files_digest(samples)):  # None: older
             log(f"warning: the val split carved from {args.data}/train is not the run's (files were added, removed "
                 "or renamed since): it may hold images the model trained on")
+        called_test = args.split == "test" or Path(args.data).resolve().name == "test"
+        if called_test and checkpoint.get("files", {}).get("val") == data.files_digest(samples):
+            log("warning: these test images are the ones the run validated on, and chose best.pt by (a dataset "
+                "without val/ is validated on test/): this is no held-out figure; for one, train with a val/ folder")
     if not samples:
         raise SystemExit(f"error: no usable images in {args.val_csv or f'the {args.split} split of {args.data}'}")
     workers = data.default_workers(device) if args.workers is None else args.workers

@@ -202,6 +202,7 @@ def test_evaluate_takes_a_test_set_without_train_folder(trained_run, image_folde
                          (image_folder / "val", "val")):  # DATA/val itself, as DATA/test would be
         metrics = evaluate.main([*flags, "--data", str(where), "--split", split])
         assert (metrics["count"], metrics["confusion"]) == (full["count"], full["confusion"]), where
+    capsys.readouterr()
     next((tmp_path / "bare" / "circle").iterdir()).unlink()  # another set than the run's val: no split to warn of
     assert evaluate.main([*flags, "--data", str(tmp_path / "bare")])["count"] == full["count"] - 1
     out = capsys.readouterr().out
@@ -210,6 +211,20 @@ def test_evaluate_takes_a_test_set_without_train_folder(trained_run, image_folde
         evaluate.main([*flags, "--data", str(image_folder / "train")])
     with pytest.raises(SystemExit, match="no train/ folder"):
         evaluate.main([*flags, "--data", str(tmp_path / "bare"), "--split", "train"])
+
+
+def test_a_test_split_that_the_run_validated_on_is_a_warning(trained_run, image_folder, tmp_path, capsys):
+    """A dataset of train/ and test/ alone is validated on test/, and best.pt chosen on it: evaluate.py --split test
+    then gives no held-out figure, and says so. Here test/ holds the images the run validated on."""
+    import evaluate
+    flags = ["--ckpt", str(trained_run[0] / "best.pt"), "--workers", "0"]
+    shutil.copytree(image_folder / "train", tmp_path / "ds" / "train")
+    shutil.copytree(image_folder / "val", tmp_path / "ds" / "test")
+    for data_flags in (["--data", str(tmp_path / "ds"), "--split", "test"], ["--data", str(tmp_path / "ds" / "test")]):
+        evaluate.main([*flags, *data_flags])
+        assert "warning: these test images are the ones the run validated on" in capsys.readouterr().out
+    evaluate.main([*flags, "--data", str(image_folder)])  # its val split, called so
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_an_output_folder_that_cannot_be_made_is_an_error_naming_its_flag(trained_run, image_folder, tmp_path,
