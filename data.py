@@ -115,11 +115,16 @@ def scan_images(samples, strict=None, log=print, parallel_from=10_000, listed=20
     return [sample for sample in samples if sample[0] not in found]
 
 
+# the value that becomes 255, by mode: the format's range, the same for every image (torchvision's conventions:
+# 16-bit integers to 65535, floats to 1), never an image's own largest value, which would make a dim frame as
+# bright as any. PIL opens 16-bit files as I;16 (or I, in older versions)
+DEEP_MODE_WHITE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": 65535, "F": 1.0}
+
+
 def to_rgb(image):
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float: scale to 8 bits, don't clip
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if array.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+    if image.mode in DEEP_MODE_WHITE:  # to 8 bits, scaled, not clipped
+        array = np.asarray(image, dtype=np.float64) * (255 / DEEP_MODE_WHITE[image.mode])
+        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):  # transparent pixels hold arbitrary colours: put them on white
@@ -857,7 +862,7 @@ def file_size(path):
 # reused by later runs while the files are unchanged and shared (through the page cache) by every process on the
 # machine
 
-CACHE_VERSION = 3  # bump when the way images are stored changes
+CACHE_VERSION = 4  # bump when the way images are stored changes
 
 
 def cache_key(samples, how):

@@ -54,6 +54,20 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
     assert np.all(np.diff(out) >= 0)
 
 
+def test_deep_images_are_scaled_by_their_format_not_by_their_content(tmp_path):
+    """A 16-bit image maps 0..65535 to 0..255 however dark it is (a dim frame among brighter ones of the same
+    sensor is as dim after), and a float image maps 0..1 (torchvision's convention for floats), not 0..255: a
+    float TIFF of values in 0..1 is not a black image."""
+    dim = np.full((8, 8), 200, np.uint16)  # 200 of 65535: under 1/255 of the range
+    Image.fromarray(dim).save(tmp_path / "dim.png")
+    assert np.asarray(data.load_image(tmp_path / "dim.png")).max() <= 1
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    out = np.asarray(data.load_image(tmp_path / "float.tif"))[0, :, 0].astype(int)
+    assert out[0] == 0 and out[-1] == 255 and 120 <= out[32] <= 135 and np.all(np.diff(out) >= 0)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     # 60x20 pixels stored, EXIF orientation 6 (rotate 90 degrees clockwise to display): shown as 20x60
     image = Image.new("RGB", (60, 20), (0, 0, 255))
