@@ -1,19 +1,32 @@
-"""export.py: TorchScript and ONNX files that run without our code and agree with the checkpoint."""
+"""export.py: TorchScript and ONNX files that run without our code and agree with the checkpoint. export.py and
+predict.py run in the test's process (their subprocess runs are tested in test_train.py)."""
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 
+import export
+import predict
+import utils
 from conftest import run_script
 
 
-def test_torchscript_round_trip_without_our_code(trained_run, image_folder, tmp_path):
+def top1(images, ckpt):
+    """predict.py's top-1 class name of each image, with `ckpt` (a checkpoint or an export)."""
+    _, classes, *_ = predict.load_for_prediction(ckpt, utils.get_device("cpu"))
+    return [classes[top[0][0]] for _, top in predict.main([*images, "--ckpt", str(ckpt), "--workers", "0"])]
+
+
+def test_torchscript_round_trip_without_our_code(trained_run, image_folder, tmp_path, capsys):
     """Any file name (here model.ts): the JSON beside it is named after the whole file, so a TorchScript and an
     ONNX export of one checkpoint do not share one, and predict.py knows an export by it, not by its suffix."""
     run_dir, _ = trained_run
-    result = run_script("export.py", "--ckpt", run_dir / "best.pt", "--output", tmp_path / "model.ts")
-    assert "on a sample batch of 3" in result.stdout  # traced at 2: a batch size kept as a constant would fail
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.jit's deprecation is ours to handle
+        export.main(["--ckpt", str(run_dir / "best.pt"), "--output", str(tmp_path / "model.ts")])
+    assert "on a sample batch of 3" in capsys.readouterr().out  # traced at 2: a batch size kept in it would fail
     meta = json.loads((tmp_path / "model.ts.json").read_text())
     assert meta["classes"] == ["circle", "square", "triangle"] and meta["preprocess"]["img_size"] == 32
     # a fresh interpreter in another folder, with torch, torchvision and PIL only: our modules cannot be imported
@@ -33,11 +46,10 @@ print(json.dumps([meta["classes"][i] for i in model(batch).argmax(1).tolist()]))
 """
     out = subprocess.run([sys.executable, "-c", standalone], capture_output=True, text=True, cwd=tmp_path, check=True)
     exported = json.loads(out.stdout)
-    predicted = json.loads(run_script("predict.py", *images, "--ckpt", run_dir / "best.pt", "--json").stdout)
-    assert exported == [r["predictions"][0]["class"] for r in predicted]  # the same top-1, image by image
-    from_export = run_script("predict.py", *images, "--ckpt", tmp_path / "model.ts", "--json")
-    assert [r["predictions"][0]["class"] for r in json.loads(from_export.stdout)] == exported
-    assert "Warning" not in result.stderr + from_export.stderr  # torch.jit's deprecation is ours to handle
+    assert exported == top1(images, run_dir / "best.pt")  # the same top-1, image by image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert top1(images, tmp_path / "model.ts") == exported
 
 
 def test_half_precision_export_predicts_like_the_checkpoint(trained_run, image_folder, tmp_path):
@@ -45,13 +57,10 @@ def test_half_precision_export_predicts_like_the_checkpoint(trained_run, image_f
     file goes into a folder that does not exist yet."""
     run_dir, _ = trained_run
     exported = tmp_path / "new" / "half.torchscript"
-    run_script("export.py", "--ckpt", run_dir / "best.pt", "--half", "--output", exported)
+    export.main(["--ckpt", str(run_dir / "best.pt"), "--half", "--output", str(exported)])
     assert json.loads((tmp_path / "new" / "half.torchscript.json").read_text())["input"].startswith("float16")
     images = sorted(str(p) for p in (image_folder / "val").rglob("*.*g"))
-    top1 = [[r["predictions"][0]["class"] for r in json.loads(run_script(
-        "predict.py", *images, "--ckpt", ckpt, "--json").stdout)]
-        for ckpt in (run_dir / "best.pt", exported)]
-    assert top1[0] == top1[1]
+    assert top1(images, run_dir / "best.pt") == top1(images, exported)
 
 
 def test_onnx_without_its_packages_names_them(trained_run, tmp_path):
