@@ -247,12 +247,13 @@ def main(argv=None):
     else:
         samples = data.split_samples(args.data, args.split, classes, train_args["val_fraction"], train_args["seed"],
                                      log, ignore=ignore)
+        run_val, digest = checkpoint.get("files", {}).get("val"), data.files_digest(samples)  # None: older code
         carved = args.split == "val" and data.find_val_dir(args.data) is None and Path(args.data, "train").is_dir()
-        if carved and checkpoint.get("files", {}).get("val") not in (None, data.files_digest(samples)):  # None: older
+        if carved and run_val not in (None, digest):
             log(f"warning: the val split carved from {args.data}/train is not the run's (files were added, removed "
                 "or renamed since): it may hold images the model trained on")
         called_test = args.split == "test" or Path(args.data).resolve().name == "test"
-        if called_test and checkpoint.get("files", {}).get("val") == data.files_digest(samples):
+        if called_test and run_val == digest:
             log("warning: these test images are the ones the run validated on, and chose best.pt by (a dataset "
                 "without val/ is validated on test/): this is no held-out figure; for one, train with a val/ folder")
     if not samples:
